@@ -1,0 +1,206 @@
+"""The 2-D state-space layer of Baron, Zimerman & Wolf (ICLR 2024).
+
+Glossary: B batch, H x W grid, C = dim channels, N state size, d directions,
+S = d * n_ssm (A, B) parameter sets.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..ops import (
+    choose_conv_method,
+    direct_conv2d,
+    directional_conv2d_ref,
+    fft_conv2d,
+    fft_shape,
+    fold_directions,
+    kernel_spectrum,
+    roesser_kernel,
+    roesser_kernel_ref,
+)
+
+__all__ = ["SSM2D"]
+
+NO_WEIGHT_DECAY = {"weight_decay": 0.0}
+
+
+def _same_values(saved: list[Tensor], params: list[nn.Parameter]) -> bool:
+    """True where every parameter still has the saved dtype, device and values."""
+    return all(
+        s.dtype == p.dtype and s.device == p.device and s.shape == p.shape and torch.equal(s, p)
+        for s, p in zip(saved, params)
+    )
+
+
+class SSM2D(nn.Module):
+    """2-D SSM spatial layer: a learned global kernel per channel, from d corners.
+
+    Input and output are (B, H, W, C), any H x W. The kernels of all directions are folded
+    into one (2H-1) x (2W-1) kernel and applied once, by FFT or, on small grids, by a direct
+    depthwise convolution. In eval mode the prepared kernel is cached per grid size.
+
+    Args:
+        dim: channels C.
+        state_dim: states N per (A, B) set.
+        n_ssm: (A, B) parameter sets per direction (spec section 5).
+        directions: 1 (top-left), 2 (+ bottom-right) or 4 (+ top-right, bottom-left).
+        variant: "real" (sigmoid-activated A, B) or "complex" (polar A); spec section 4.
+        c_per_channel: one C per channel and direction (2024 release); False shares one C per
+            (A, B) set (2023 code).
+        skip: add omega * x (the D term).
+        out_norm: LayerNorm on the output.
+
+    Attributes:
+        fast_path: closed-form kernel and folded convolution when True (default); the
+            per-cell recurrence and per-direction shift-and-add convolution when False.
+        conv_method: "auto" (by grid size), "fft" or "direct", for the fast path.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        state_dim: int = 16,
+        n_ssm: int = 2,
+        directions: int = 4,
+        variant: Literal["real", "complex"] = "real",
+        c_per_channel: bool = True,
+        skip: bool = True,
+        out_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        for name, value in (("dim", dim), ("state_dim", state_dim), ("n_ssm", n_ssm)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+        if directions not in (1, 2, 4):
+            raise ValueError(f"directions: expected 1, 2 or 4, got {directions!r}")
+        if variant not in ("real", "complex"):
+            raise ValueError(f"variant: expected 'real' or 'complex', got {variant!r}")
+        if c_per_channel and dim % n_ssm:
+            raise ValueError(f"dim: expected a multiple of n_ssm={n_ssm} with c_per_channel=True, got {dim}")
+        self.dim, self.state_dim, self.n_ssm, self.directions = dim, state_dim, n_ssm, directions
+        self.variant, self.c_per_channel, self.out_norm = variant, c_per_channel, out_norm
+        self.fast_path = True
+        self.conv_method: Literal["auto", "fft", "direct"] = "auto"
+
+        sets = directions * n_ssm
+        pair = (2,) if variant == "complex" else ()  # (real, imag) of complex parameters
+        c_rows = directions * dim if c_per_channel else sets
+        if variant == "real":
+            self.a_raw = nn.Parameter(torch.empty(sets, 4, state_dim))
+        else:
+            self.a_radius_raw = nn.Parameter(torch.empty(sets, 4, state_dim))
+            self.a_angle_raw = nn.Parameter(torch.empty(sets, 4, state_dim))
+        self.b_raw = nn.Parameter(torch.empty(sets, 2, state_dim, *pair))
+        self.c_raw = nn.Parameter(torch.empty(c_rows, 2, state_dim, *pair))
+        self.omega = nn.Parameter(torch.empty(dim)) if skip else None
+        for p in self._ssm_parameters():
+            p._optim = NO_WEIGHT_DECAY  # spec section 4: A, B, C and omega skip weight decay
+        self.norm = nn.LayerNorm(dim) if out_norm else nn.Identity()
+        self._cache: tuple[tuple[tuple[int, int], str, list[Tensor]], Tensor] | None = None
+        self.reset_parameters()
+
+    def _ssm_parameters(self) -> list[nn.Parameter]:
+        names = ("a_raw", "a_radius_raw", "a_angle_raw", "b_raw", "c_raw", "omega")
+        return [p for n in names if (p := getattr(self, n, None)) is not None]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialization of spec section 4."""
+        if self.variant == "real":
+            self.a_raw.normal_(0.0, 0.2)  # a = sigmoid(a_raw) near 1/2: stable
+        else:
+            self.a_radius_raw.uniform_(0.5, 3.0)
+            self.a_angle_raw.uniform_(0.5, 3.0)
+        self.b_raw.normal_(0.0, 0.2)
+        self.c_raw.normal_(0.0, 1.0)
+        if self.omega is not None:
+            self.omega.normal_(0.0, 1.0)
+        if isinstance(self.norm, nn.LayerNorm):
+            self.norm.reset_parameters()
+        self._cache = None
+
+    def coefficients(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Activated coefficients: a (S, 4, N), b (S, 2, N), c (rows, 2, N), rows = d*C or S."""
+        if self.variant == "real":
+            a, b = torch.sigmoid(self.a_raw), torch.sigmoid(self.b_raw)
+            c = self.c_raw
+        else:
+            a = torch.polar(torch.sigmoid(self.a_radius_raw), 2 * math.pi * torch.sigmoid(self.a_angle_raw))
+            b = torch.view_as_complex(torch.sigmoid(self.b_raw))
+            c = torch.view_as_complex(self.c_raw)
+        return a, b, c * self.state_dim**-0.5
+
+    def kernels(self, grid: tuple[int, int]) -> Tensor:
+        """Causal kernel of every direction and channel: (d, C, H, W), direction-major.
+
+        Computed in at least float32, with autocast off: powers of the coefficients lose
+        their accuracy in half precision.
+        """
+        with torch.autocast(self.c_raw.device.type, enabled=False):
+            return self._kernels(grid)
+
+    def _kernels(self, grid: tuple[int, int]) -> Tensor:
+        a, b, c = self.coefficients()
+        if a.dtype in (torch.float16, torch.bfloat16):
+            a, b, c = a.float(), b.float(), c.float()
+        kernel_fn = roesser_kernel if self.fast_path else roesser_kernel_ref
+        sets = a.shape[0]
+        if self.c_per_channel:
+            # 2024 layout: kernel channel k (direction-major) uses (A, B) set k mod S.
+            k = kernel_fn(a, b, c.reshape(-1, sets, 2, self.state_dim), grid)  # (d*C/S, S, H, W)
+            return k.reshape(self.directions, self.dim, *grid)
+        # 2023 layout: feature f of direction r uses set r * n_ssm + f mod n_ssm, with its C.
+        k = kernel_fn(a, b, c, grid).reshape(self.directions, self.n_ssm, *grid)  # (d, n_ssm, H, W)
+        return k[:, torch.arange(self.dim, device=k.device) % self.n_ssm]
+
+    def _prepared_kernel(self, grid: tuple[int, int], method: str) -> Tensor:
+        """Folded kernel (direct) or its spectrum (fft); cached in eval mode.
+
+        The cache serves only where no autograd graph is needed. It is keyed on the grid, the
+        method, and a copy of the parameter values, so that any update (optimizer step,
+        load_state_dict, writes through `.data`, device or dtype moves) invalidates it.
+        """
+        params = self._ssm_parameters()
+        cacheable = not self.training and not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+        if cacheable and self._cache is not None:
+            (cached_grid, cached_method, values), prepared = self._cache
+            if (cached_grid, cached_method) == (grid, method) and _same_values(values, params):
+                return prepared
+        full = fold_directions(self.kernels(grid))  # (C, 2H-1, 2W-1)
+        prepared = kernel_spectrum(full, fft_shape(grid, grid)) if method == "fft" else full
+        self._cache = ((grid, method, [p.detach().clone() for p in params]), prepared) if cacheable else None
+        return prepared
+
+    def train(self, mode: bool = True) -> SSM2D:
+        self._cache = None
+        return super().train(mode)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, H, W, C) -> (B, H, W, C)."""
+        if x.ndim != 4 or x.shape[-1] != self.dim:
+            raise ValueError(f"x: expected shape (B, H, W, C) with C={self.dim}, got {tuple(x.shape)}")
+        grid = (x.shape[1], x.shape[2])
+        if not self.fast_path:
+            y = directional_conv2d_ref(x, self.kernels(grid).to(x.dtype))
+        else:
+            method = choose_conv_method(grid, grid) if self.conv_method == "auto" else self.conv_method
+            if method not in ("fft", "direct"):
+                raise ValueError(f"conv_method: expected 'auto', 'fft' or 'direct', got {self.conv_method!r}")
+            prepared = self._prepared_kernel(grid, method)
+            y = fft_conv2d(x, prepared, fft_shape(grid, grid)) if method == "fft" else direct_conv2d(x, prepared)
+        if self.omega is not None:
+            y = y + x * self.omega.to(x.dtype)
+        return self.norm(y)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, state_dim={self.state_dim}, n_ssm={self.n_ssm}, directions={self.directions}, "
+            f"variant={self.variant!r}, c_per_channel={self.c_per_channel}, skip={self.omega is not None}, "
+            f"out_norm={self.out_norm}, fast_path={self.fast_path}, conv_method={self.conv_method!r}"
+        )

@@ -1,0 +1,188 @@
+"""Impulse response of the normalized 2-D Roesser SSM (Baron, Zimerman & Wolf, ICLR 2024).
+
+Glossary: N states, H x W grid, `...` any broadcastable leading dimensions.
+
+Every state coordinate n is an independent scalar system (spec section 1)::
+
+    x_h(i,j) = s(i,j-1) [a1 x_h(i,j-1) + a2 x_v(i,j-1)] + b1 u(i,j)
+    x_v(i,j) = s(i-1,j) [a3 x_h(i-1,j) + a4 x_v(i-1,j)] + b2 u(i,j)
+    K(i,j)   = w(i,j) sum_n c1 x_h + c2 x_v            (u = impulse at the origin)
+
+with s = 1/2 at the origin and in the interior, 1 on row 0 and column 0, and the boundary
+weight w = 2 on row 0 and column 0 except the origin (section 2).
+
+Fast path (section 3, method c). A state value is a sum over monotone lattice paths from the
+origin. A path whose first straight run has length m weighs
+``beta * prod(a over the later steps) * 2^(m - i - j + 1)``, where beta = (a1 b1 + a2 b2) / 2
+if it starts rightwards and (a3 b1 + a4 b2) / 2 if it starts downwards. Grouping paths by their
+number k of vertical runs turns the sum into binomial counts. With
+
+    P(n, k) = 2^-n C(n-1, k-1)   (P(0, 0) = 1),      Q(n, k) = 2 sum_{u<n} P(u, k)
+    RP(i,k) = P(i,k) a4^(i-k) a3^k,   RQ(i,k) = Q(i,k) a4^(i-1-k) a3^k      (rows)
+    CP(j,k) = P(j,k) a1^(j-k) a2^k,   CQ(j,k) = Q(j,k) a1^(j-1-k) a2^k      (columns)
+
+the states are two matrix products over k, boundary weight included::
+
+    x_h = beta_r sum_k RP(i,k) CQ(j,k)   + beta_d sum_k RQ(i,k-1) CP(j,k)
+    x_v = beta_r sum_k RP(i,k) CQ(j,k-1) + beta_d sum_k RQ(i,k)   CP(j,k)
+
+plus b at the origin. The tables are built per call (no symbolic precompute, nothing kept),
+and their entries are bounded by 1 for |a| <= 1, so float32 neither overflows nor underflows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["roesser_kernel", "roesser_kernel_ref"]
+
+
+def _check_inputs(a: Tensor, b: Tensor, c: Tensor, size: Sequence[int]) -> tuple[int, int]:
+    """Validate the contract of spec section 9 and return (H, W)."""
+    for name, t, rows in (("a", a, 4), ("b", b, 2), ("c", c, 2)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if not (t.is_floating_point() or t.is_complex()):
+            raise ValueError(f"{name}: expected a floating-point or complex tensor, got {t.dtype}")
+        if t.ndim < 2 or t.shape[-2] != rows:
+            raise ValueError(f"{name}: expected shape (..., {rows}, N), got {tuple(t.shape)}")
+    n = a.shape[-1]
+    for name, t, rows in (("b", b, 2), ("c", c, 2)):
+        if t.shape[-1] != n:
+            raise ValueError(
+                f"{name}: expected shape (..., {rows}, N) with N={n} as in a, got {tuple(t.shape)}"
+            )
+    try:
+        torch.broadcast_shapes(a.shape[:-2], b.shape[:-2], c.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            "a, b, c: expected broadcastable leading dimensions, got "
+            f"{tuple(a.shape[:-2])}, {tuple(b.shape[:-2])} and {tuple(c.shape[:-2])}"
+        ) from None
+    if (
+        isinstance(size, (str, bytes))
+        or len(size) != 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in size)
+        or min(size) < 1
+    ):
+        raise ValueError(f"size: expected (H, W) with integers H, W >= 1, got {size!r}")
+    for name, t in (("a", a), ("b", b), ("c", c)):
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise ValueError(f"{name}: expected finite values, got {bad} non-finite entries")
+    return int(size[0]), int(size[1])
+
+
+def _common_dtype(a: Tensor, b: Tensor, c: Tensor) -> torch.dtype:
+    return torch.promote_types(torch.promote_types(a.dtype, b.dtype), c.dtype)
+
+
+def _path_counts(length: int, k: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
+    """Binomial path counts along one axis.
+
+    Returns P and Q of the module docstring, both (length, k), and the exponent tables
+    (n - k), (n - 1 - k) clamped at 0, and k, as `dtype` tensors.
+    """
+    n = torch.arange(length, dtype=torch.float64, device=device)[:, None]  # (length, 1)
+    kk = torch.arange(k, dtype=torch.float64, device=device)[None, :]  # (1, k)
+    log_p = (
+        torch.lgamma(n.clamp(min=1))
+        - torch.lgamma(kk.clamp(min=1))
+        - torch.lgamma((n - kk + 1).clamp(min=1))
+        - n * math.log(2.0)
+    )
+    p = torch.where((kk >= 1) & (n >= kk), log_p.exp(), torch.zeros((), dtype=torch.float64, device=device))
+    p[0, 0] = 1.0
+    q = 2.0 * (torch.cumsum(p, 0) - p)  # exclusive prefix sum over n
+    e = n - kk
+    return tuple(t.to(dtype) for t in (p, q, e.clamp(min=0), (e - 1).clamp(min=0), kk))
+
+
+def _axis_factors(run: Tensor, switch: Tensor, length: int, k: int) -> tuple[Tensor, Tensor]:
+    """RP/RQ (rows: run=a4, switch=a3) or CP/CQ (columns: run=a1, switch=a2).
+
+    run, switch: (..., N). Returns two (..., N, length, k) tensors.
+    """
+    real = run.real.dtype if run.is_complex() else run.dtype
+    p, q, e_p, e_q, kk = _path_counts(length, k, real, run.device)
+    run = run[..., None, None]  # (..., N, 1, 1)
+    switch_pow = torch.pow(switch[..., None, None], kk)  # (..., N, 1, k)
+    return p * torch.pow(run, e_p) * switch_pow, q * torch.pow(run, e_q) * switch_pow
+
+
+def roesser_kernel(a: Tensor, b: Tensor, c: Tensor, size: Sequence[int]) -> Tensor:
+    """Normalized 2-D SSM kernel, loop-free closed form (see the module docstring).
+
+    Args:
+        a: (..., 4, N) diagonals of A1..A4, already activated; real or complex.
+        b: (..., 2, N) B1, B2, already activated.
+        c: (..., 2, N) C1, C2, already scaled.
+        size: (H, W), any integers >= 1.
+
+    Leading dimensions broadcast. The states are computed once per (a, b) set, so passing
+    a: (S, 4, N) and c: (G, S, 2, N) costs S state tables, not G * S.
+
+    Returns:
+        K: (..., H, W) real; the real part for complex inputs.
+    """
+    h, w = _check_inputs(a, b, c, size)
+    dtype = _common_dtype(a, b, c)
+    a, b, c = a.to(dtype), b.to(dtype), c.to(dtype)
+    a1, a2, a3, a4 = a.unbind(-2)  # (..., N)
+    b1, b2 = b.unbind(-2)  # (..., N)
+    k = min(h, w)
+    rp, rq = _axis_factors(a4, a3, h, k + 1)  # (..., N, H, k+1)
+    cp, cq = _axis_factors(a1, a2, w, k + 1)  # (..., N, W, k+1)
+    beta_r = ((a1 * b1 + a2 * b2) / 2)[..., None, None]  # (..., N, 1, 1)
+    beta_d = ((a3 * b1 + a4 * b2) / 2)[..., None, None]
+    rq_d = beta_d * rq[..., :k]  # (..., N, H, k)
+    x_h = torch.cat([beta_r * rp[..., :k], rq_d], -1) @ torch.cat([cq[..., :k], cp[..., 1:]], -1).mT
+    x_v = torch.cat([beta_r * rp[..., 1:], rq_d], -1) @ torch.cat([cq[..., :k], cp[..., :k]], -1).mT
+    origin = torch.zeros(h, w, dtype=x_h.dtype, device=x_h.device)
+    origin[0, 0] = 1.0
+    x_h = x_h + b1[..., None, None] * origin  # (..., N, H, W)
+    x_v = x_v + b2[..., None, None] * origin
+    states = torch.cat([x_h, x_v], -3)  # (..., 2N, H, W)
+    kernel = torch.einsum("...n,...nhw->...hw", c.flatten(-2), states)  # (..., H, W)
+    return kernel.real if kernel.is_complex() else kernel
+
+
+def roesser_kernel_ref(a: Tensor, b: Tensor, c: Tensor, size: Sequence[int]) -> Tensor:
+    """Reference: the recurrence of spec sections 1-2, one grid cell at a time.
+
+    Same contract as `roesser_kernel`. Slow (H * W Python steps); for tests and benchmarks.
+    """
+    h, w = _check_inputs(a, b, c, size)
+    dtype = _common_dtype(a, b, c)
+    a, b, c = a.to(dtype), b.to(dtype), c.to(dtype)
+    a1, a2, a3, a4 = a.unbind(-2)
+    b1, b2 = b.unbind(-2)
+    zero = torch.zeros_like(a1 * b1)  # (..., N)
+
+    def halve(p: int, q: int) -> float:
+        """s(p, q): 1/2 where both states of the source cell are non-zero."""
+        return 0.5 if (p == 0 and q == 0) or (p >= 1 and q >= 1) else 1.0
+
+    x_h: list[list[Tensor]] = [[zero] * w for _ in range(h)]
+    x_v: list[list[Tensor]] = [[zero] * w for _ in range(h)]
+    for i in range(h):
+        for j in range(w):
+            if i == 0 and j == 0:  # the impulse u(0, 0) = 1
+                x_h[0][0], x_v[0][0] = b1 + zero, b2 + zero
+            if j > 0:
+                x_h[i][j] = halve(i, j - 1) * (a1 * x_h[i][j - 1] + a2 * x_v[i][j - 1])
+            if i > 0:
+                x_v[i][j] = halve(i - 1, j) * (a3 * x_h[i - 1][j] + a4 * x_v[i - 1][j])
+    states_h = torch.stack([torch.stack(row, -1) for row in x_h], -2)  # (..., N, H, W)
+    states_v = torch.stack([torch.stack(row, -1) for row in x_v], -2)
+    c1, c2 = c.unbind(-2)
+    kernel = torch.einsum("...n,...nhw->...hw", c1, states_h) + torch.einsum("...n,...nhw->...hw", c2, states_v)
+    kernel = kernel.real if kernel.is_complex() else kernel
+    weight = torch.full((h, w), 2.0, dtype=kernel.dtype, device=kernel.device)
+    weight[1:, 1:] = 1.0
+    weight[0, 0] = 1.0
+    return kernel * weight
