@@ -199,6 +199,22 @@ def test_channel_layout_c_per_channel():
 
 
 @pytest.mark.parametrize("variant", ["real", "complex"])
+def test_channel_layout_per_direction_sets(variant):
+    dim, n_ssm, directions, grid = 6, 3, 4, (4, 5)
+    layer = make_layer(dim=dim, n_ssm=n_ssm, directions=directions, variant=variant, per_direction_sets=True)
+    a, b, c = layer.coefficients()
+    kernels = layer.kernels(grid)
+    assert kernels.shape == (directions, dim, *grid)
+    for r in range(directions):
+        for f in range(dim):
+            s = r * n_ssm + f % n_ssm
+            expected = roesser_kernel_ref(a[s], b[s], c[r * dim + f], grid)
+            assert_close(kernels[r, f], expected, torch.float64, f"direction {r} channel {f} (set {s})")
+    x = random_input(layer, (5, 7))
+    assert_close(layer(x), naive_forward(layer, x), torch.float64, "per_direction_sets layer vs naive")
+
+
+@pytest.mark.parametrize("variant", ["real", "complex"])
 def test_channel_layout_c_per_set(variant):
     dim, n_ssm, directions, grid = 5, 2, 4, (4, 5)
     layer = make_layer(dim=dim, n_ssm=n_ssm, directions=directions, c_per_channel=False, variant=variant)
@@ -386,9 +402,10 @@ def test_extra_repr_lists_every_setting():
     for part in ("dim=8", "state_dim=4", "n_ssm=4", "directions=2", "variant='complex'", "c_per_channel=False",
                  "skip=False", "out_norm=True", "fast_path=True", "conv_method='auto'"):
         assert part in text, f"{part} missing from {text}"
+    assert "per_direction_sets=True" in repr(SSM2D(8, per_direction_sets=True))
     default = repr(SSM2D(6))
     for part in ("dim=6", "state_dim=16", "n_ssm=2", "directions=4", "variant='real'", "c_per_channel=True",
-                 "skip=True", "out_norm=False"):
+                 "skip=True", "out_norm=False", "per_direction_sets=False"):
         assert part in default, f"{part} missing from {default}"
 
 
@@ -402,8 +419,9 @@ def test_extra_repr_lists_every_setting():
         (dict(dim=8, directions=3), r"directions: expected 1, 2 or 4, got 3"),
         (dict(dim=8, variant="foo"), r"variant: expected 'real' or 'complex', got 'foo'"),
         (dict(dim=5, n_ssm=2), r"dim: expected a multiple of n_ssm=2 with c_per_channel=True, got 5"),
+        (dict(dim=8, c_per_channel=False, per_direction_sets=True), r"per_direction_sets: expected c_per_channel=True"),
     ],
-    ids=["dim=0", "state_dim=0", "n_ssm=0", "dim=8.0", "directions=3", "variant=foo", "dim=5,n_ssm=2"],
+    ids=["dim=0", "state_dim=0", "n_ssm=0", "dim=8.0", "directions=3", "variant=foo", "dim=5,n_ssm=2", "sets-shared-c"],
 )
 def test_constructor_errors(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):

@@ -5,7 +5,7 @@ Glossary: B batch, P prefix tokens, H x W grid, L = H * W, C channels.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -34,7 +34,7 @@ def _same_values(saved: list[Tensor], params: list[nn.Parameter]) -> bool:
     """True where every parameter still has the saved dtype, device and values."""
     return all(
         s.dtype == p.dtype and s.device == p.device and s.shape == p.shape and torch.equal(s, p)
-        for s, p in zip(saved, params)
+        for s, p in zip(saved, params, strict=True)
     )
 
 
@@ -53,6 +53,9 @@ class SSM2D(nn.Module):
         variant: "real" (sigmoid-activated A, B) or "complex" (polar A); spec section 4.
         c_per_channel: one C per channel and direction (2024 release); False shares one C per
             (A, B) set (2023 code).
+        per_direction_sets: with c_per_channel, give each direction its own (A, B) sets: channel
+            f of direction r uses set r * n_ssm + f mod n_ssm. The default keeps the reference
+            layout, where every direction of a channel uses the same set (spec section 5).
         skip: add omega * x (the D term).
         out_norm: LayerNorm on the output.
 
@@ -72,6 +75,7 @@ class SSM2D(nn.Module):
         c_per_channel: bool = True,
         skip: bool = True,
         out_norm: bool = False,
+        per_direction_sets: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("state_dim", state_dim), ("n_ssm", n_ssm)):
@@ -83,8 +87,14 @@ class SSM2D(nn.Module):
             raise ValueError(f"variant: expected 'real' or 'complex', got {variant!r}")
         if c_per_channel and dim % n_ssm:
             raise ValueError(f"dim: expected a multiple of n_ssm={n_ssm} with c_per_channel=True, got {dim}")
+        if per_direction_sets and not c_per_channel:
+            raise ValueError(
+                "per_direction_sets: expected c_per_channel=True (with shared C every direction already "
+                "has its own sets), got c_per_channel=False"
+            )
         self.dim, self.state_dim, self.n_ssm, self.directions = dim, state_dim, n_ssm, directions
         self.variant, self.c_per_channel, self.out_norm = variant, c_per_channel, out_norm
+        self.per_direction_sets = per_direction_sets
         self.fast_path = True
         self.conv_method: Literal["auto", "fft", "direct"] = "auto"
 
@@ -150,13 +160,18 @@ class SSM2D(nn.Module):
         if a.dtype in (torch.float16, torch.bfloat16):
             a, b, c = a.float(), b.float(), c.float()
         kernel_fn = roesser_kernel if self.fast_path else roesser_kernel_ref
-        sets = a.shape[0]
+        d, n, sets = self.directions, self.state_dim, a.shape[0]
+        if self.c_per_channel and self.per_direction_sets:
+            # channel f of direction r uses set r * n_ssm + f mod n_ssm
+            split = (d, 1, self.n_ssm)
+            k = kernel_fn(a.reshape(*split, 4, n), b.reshape(*split, 2, n), c.reshape(d, -1, self.n_ssm, 2, n), grid)
+            return k.reshape(d, self.dim, *grid)  # from (d, C/n_ssm, n_ssm, H, W)
         if self.c_per_channel:
             # 2024 layout: kernel channel k (direction-major) uses (A, B) set k mod S.
-            k = kernel_fn(a, b, c.reshape(-1, sets, 2, self.state_dim), grid)  # (d*C/S, S, H, W)
-            return k.reshape(self.directions, self.dim, *grid)
+            k = kernel_fn(a, b, c.reshape(-1, sets, 2, n), grid)  # (d*C/S, S, H, W)
+            return k.reshape(d, self.dim, *grid)
         # 2023 layout: feature f of direction r uses set r * n_ssm + f mod n_ssm, with its C.
-        k = kernel_fn(a, b, c, grid).reshape(self.directions, self.n_ssm, *grid)  # (d, n_ssm, H, W)
+        k = kernel_fn(a, b, c, grid).reshape(d, self.n_ssm, *grid)  # (d, n_ssm, H, W)
         return k[:, torch.arange(self.dim, device=k.device) % self.n_ssm]
 
     def _prepared_kernel(self, grid: tuple[int, int], method: str) -> Tensor:
@@ -202,5 +217,6 @@ class SSM2D(nn.Module):
         return (
             f"dim={self.dim}, state_dim={self.state_dim}, n_ssm={self.n_ssm}, directions={self.directions}, "
             f"variant={self.variant!r}, c_per_channel={self.c_per_channel}, skip={self.omega is not None}, "
-            f"out_norm={self.out_norm}, fast_path={self.fast_path}, conv_method={self.conv_method!r}"
+            f"out_norm={self.out_norm}, per_direction_sets={self.per_direction_sets}, "
+            f"fast_path={self.fast_path}, conv_method={self.conv_method!r}"
         )

@@ -1,28 +1,7 @@
 """Parameter-free math: kernel generation and 2-D convolution, each with a `_ref` twin."""
 
-from .conv2d import (
-    DIRECTION_FLIPS,
-    choose_conv_method,
-    direct_conv2d,
-    directional_conv2d,
-    directional_conv2d_ref,
-    fft_conv2d,
-    fft_shape,
-    fold_directions,
-    kernel_spectrum,
-)
-from .roesser import roesser_kernel, roesser_kernel_ref
+from . import conv2d, roesser
+from .conv2d import *  # noqa: F403  (re-export; the names are listed in conv2d.__all__)
+from .roesser import *  # noqa: F403
 
-__all__ = [
-    "DIRECTION_FLIPS",
-    "choose_conv_method",
-    "direct_conv2d",
-    "directional_conv2d",
-    "directional_conv2d_ref",
-    "fft_conv2d",
-    "fft_shape",
-    "fold_directions",
-    "kernel_spectrum",
-    "roesser_kernel",
-    "roesser_kernel_ref",
-]
+__all__ = [*conv2d.__all__, *roesser.__all__]

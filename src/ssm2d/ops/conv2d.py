@@ -257,7 +257,7 @@ def directional_conv2d_ref(x: Tensor, kernels: Tensor) -> Tensor:
     _check_input(x, kernels.shape[1])
     _, h, w, _ = x.shape
     out = torch.zeros_like(x)
-    for k, dims in zip(kernels, DIRECTION_FLIPS):
+    for k, dims in zip(kernels, DIRECTION_FLIPS[: len(kernels)], strict=True):
         xf = x.flip(dims) if dims else x
         y = torch.zeros_like(x)
         for p in range(min(k.shape[1], h)):

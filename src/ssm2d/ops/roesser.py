@@ -33,7 +33,7 @@ and their entries are bounded by 1 for |a| <= 1, so float32 neither overflows no
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -28,7 +28,8 @@ def layer_kernel_panels(layer: SSM2D, grid: tuple[int, int]) -> dict[str, Tensor
     """
     kernels = layer.kernels(grid).float().cpu()  # (d, C, H, W)
     panels = {}
-    for name, k, flips in zip(DIRECTION_NAMES, kernels, DIRECTION_FLIPS):
+    d = len(kernels)
+    for name, k, flips in zip(DIRECTION_NAMES[:d], kernels, DIRECTION_FLIPS[:d], strict=True):
         # k(p, q) weighs the input p rows and q columns towards the direction's own corner;
         # grid axes 1, 2 of (B, H, W, C) are kernel axes -2, -1 of (C, H, W).
         panels[f"from {name}"] = k.flip([axis - 3 for axis in (1, 2) if axis not in flips])
