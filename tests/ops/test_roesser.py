@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import SIZES, assert_close, grads, random_coefficients, size_id
@@ -148,6 +149,8 @@ BAD_INPUTS = {
     "size 0": (dict(size=(0, 3)), r"size: expected \(H, W\) with integers H, W >= 1, got \(0, 3\)"),
     "size len": (dict(size=(2,)), r"size: expected \(H, W\) with integers H, W >= 1, got \(2,\)"),
     "size float": (dict(size=(2.0, 3)), r"size: expected \(H, W\) with integers H, W >= 1, got \(2\.0, 3\)"),
+    "size bool": (dict(size=(True, 3)), r"size: expected \(H, W\) with integers H, W >= 1, got \(True, 3\)"),
+    "size int": (dict(size=5), r"size: expected \(H, W\) with integers H, W >= 1, got 5"),
     "a nan": (dict(a_value=math.nan), r"a: expected finite values, got 1 non-finite"),
     "b inf": (dict(b_value=math.inf), r"b: expected finite values, got 1 non-finite"),
 }
@@ -163,3 +166,12 @@ def test_invalid_inputs_raise(case, kernel_fn):
             t[0, 1] = spec[f"{name}_value"]
     with pytest.raises(ValueError, match=pattern):
         kernel_fn(a, b, c, spec.get("size", (3, 4)))
+
+
+@pytest.mark.parametrize("kernel_fn", KERNEL_FNS, ids=FN_IDS)
+def test_size_accepts_integer_likes(kernel_fn):
+    """numpy integers and torch.Size are sizes too."""
+    a, b, c = random_coefficients("sigmoid", (), N)
+    expected = kernel_fn(a, b, c, (3, 4))
+    for size in ((np.int64(3), np.int32(4)), torch.Size([3, 4]), [3, 4]):
+        assert_close(kernel_fn(a, b, c, size), expected, torch.float64, f"size {size!r}")

@@ -33,6 +33,7 @@ and their entries are bounded by 1 for |a| <= 1, so float32 neither overflows no
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -63,18 +64,17 @@ def _check_inputs(a: Tensor, b: Tensor, c: Tensor, size: Sequence[int]) -> tuple
             "a, b, c: expected broadcastable leading dimensions, got "
             f"{tuple(a.shape[:-2])}, {tuple(b.shape[:-2])} and {tuple(c.shape[:-2])}"
         ) from None
-    if (
-        isinstance(size, (str, bytes))
-        or len(size) != 2
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in size)
-        or min(size) < 1
-    ):
+    try:
+        h, w = (operator.index(s) for s in size if not isinstance(s, bool))
+    except (TypeError, ValueError):
+        h = w = 0
+    if isinstance(size, (str, bytes)) or min(h, w) < 1:
         raise ValueError(f"size: expected (H, W) with integers H, W >= 1, got {size!r}")
     for name, t in (("a", a), ("b", b), ("c", c)):
         bad = int((~torch.isfinite(t)).sum())
         if bad:
             raise ValueError(f"{name}: expected finite values, got {bad} non-finite entries")
-    return int(size[0]), int(size[1])
+    return h, w
 
 
 def _common_dtype(a: Tensor, b: Tensor, c: Tensor) -> torch.dtype:
