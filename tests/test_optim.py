@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import io
+
 import pytest
 import torch
 import torch.nn as nn
@@ -51,3 +54,20 @@ def test_param_groups_skip_frozen_and_keep_extra_settings():
     tagged = [g for g in groups if g.get("lr") == 1e-4]
     assert len(tagged) == 1 and tagged[0]["params"] == [model[1].weight] and tagged[0]["weight_decay"] == 0.0
     assert ids[id(model[0].bias)] == 0.0 and ids[id(model[1].bias)] == 0.0
+
+
+@pytest.mark.parametrize("copy_fn", ["deepcopy", "pickle"])
+def test_tags_survive_copies(copy_fn):
+    """copy.deepcopy and pickling build new Parameters; the SSM ones are tagged again."""
+    model = nn.Sequential(nn.Linear(8, 8), SSM2D(8))
+    if copy_fn == "deepcopy":
+        model = copy.deepcopy(model)
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        model = torch.load(buffer, weights_only=False)
+    decay = _group_of(ssm2d.param_groups(model, weight_decay=0.05))
+    for name, p in model[1].named_parameters():
+        assert decay[id(p)] == 0.0, f"{name} after {copy_fn}"
+    assert decay[id(model[0].weight)] == 0.05

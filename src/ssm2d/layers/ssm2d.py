@@ -109,11 +109,19 @@ class SSM2D(nn.Module):
         self.b_raw = nn.Parameter(torch.empty(sets, 2, state_dim, *pair))
         self.c_raw = nn.Parameter(torch.empty(c_rows, 2, state_dim, *pair))
         self.omega = nn.Parameter(torch.empty(dim)) if skip else None
-        for p in self._ssm_parameters():
-            p._optim = NO_WEIGHT_DECAY  # spec section 4: A, B, C and omega skip weight decay
+        self._tag_parameters()
         self.norm = nn.LayerNorm(dim) if out_norm else nn.Identity()
         self._cache: tuple[tuple[tuple[int, int], str, list[Tensor]], Tensor] | None = None
         self.reset_parameters()
+
+    def _tag_parameters(self) -> None:
+        for p in self._ssm_parameters():
+            p._optim = NO_WEIGHT_DECAY  # spec section 4: A, B, C and omega skip weight decay
+
+    def __setstate__(self, state: dict) -> None:
+        # copy.deepcopy builds new Parameters without their attributes: tag them again.
+        super().__setstate__(state)
+        self._tag_parameters()
 
     def _ssm_parameters(self) -> list[nn.Parameter]:
         names = ("a_raw", "a_radius_raw", "a_angle_raw", "b_raw", "c_raw", "omega")
