@@ -85,21 +85,22 @@ def _path_counts(length: int, k: int, dtype: torch.dtype, device: torch.device) 
     """Binomial path counts along one axis.
 
     Returns P and Q of the module docstring, both (length, k), and the exponent tables
-    (n - k), (n - 1 - k) clamped at 0, and k, as `dtype` tensors.
+    (n - k), (n - 1 - k) clamped at 0, and k, as `dtype` tensors on `device`. They are built
+    in float64 on the CPU (some accelerators have no float64) and moved once.
     """
-    n = torch.arange(length, dtype=torch.float64, device=device)[:, None]  # (length, 1)
-    kk = torch.arange(k, dtype=torch.float64, device=device)[None, :]  # (1, k)
+    n = torch.arange(length, dtype=torch.float64)[:, None]  # (length, 1)
+    kk = torch.arange(k, dtype=torch.float64)[None, :]  # (1, k)
     log_p = (
         torch.lgamma(n.clamp(min=1))
         - torch.lgamma(kk.clamp(min=1))
         - torch.lgamma((n - kk + 1).clamp(min=1))
         - n * math.log(2.0)
     )
-    p = torch.where((kk >= 1) & (n >= kk), log_p.exp(), torch.zeros((), dtype=torch.float64, device=device))
+    p = torch.where((kk >= 1) & (n >= kk), log_p.exp(), torch.zeros((), dtype=torch.float64))
     p[0, 0] = 1.0
     q = 2.0 * (torch.cumsum(p, 0) - p)  # exclusive prefix sum over n
     e = n - kk
-    return tuple(t.to(dtype) for t in (p, q, e.clamp(min=0), (e - 1).clamp(min=0), kk))
+    return tuple(t.to(device=device, dtype=dtype) for t in (p, q, e.clamp(min=0), (e - 1).clamp(min=0), kk))
 
 
 def _axis_factors(run: Tensor, switch: Tensor, length: int, k: int) -> tuple[Tensor, Tensor]:
