@@ -85,8 +85,8 @@ def _path_counts(length: int, k: int, dtype: torch.dtype, device: torch.device) 
     """Binomial path counts along one axis.
 
     Returns P and Q of the module docstring, both (length, k), and the exponent tables
-    (n - k), (n - 1 - k) clamped at 0, and k, as `dtype` tensors on `device`. They are built
-    in float64 on the CPU (some accelerators have no float64) and moved once.
+    n - k (clamped at 0) and k, as `dtype` tensors on `device`. They are built in float64 on
+    the CPU (some accelerators have no float64) and moved once.
     """
     n = torch.arange(length, dtype=torch.float64)[:, None]  # (length, 1)
     kk = torch.arange(k, dtype=torch.float64)[None, :]  # (1, k)
@@ -99,20 +99,21 @@ def _path_counts(length: int, k: int, dtype: torch.dtype, device: torch.device) 
     p = torch.where((kk >= 1) & (n >= kk), log_p.exp(), torch.zeros((), dtype=torch.float64))
     p[0, 0] = 1.0
     q = 2.0 * (torch.cumsum(p, 0) - p)  # exclusive prefix sum over n
-    e = n - kk
-    return tuple(t.to(device=device, dtype=dtype) for t in (p, q, e.clamp(min=0), (e - 1).clamp(min=0), kk))
+    return tuple(t.to(device=device, dtype=dtype) for t in (p, q, (n - kk).clamp(min=0), kk))
 
 
 def _axis_factors(run: Tensor, switch: Tensor, length: int, k: int) -> tuple[Tensor, Tensor]:
-    """RP/RQ (rows: run=a4, switch=a3) or CP/CQ (columns: run=a1, switch=a2).
+    """P- and Q-weighted power tables of one axis: RP, RQ (run=a4, switch=a3) for the rows,
+    CP, CQ (run=a1, switch=a2) for the columns.
 
     run, switch: (..., N). Returns two (..., N, length, k) tensors.
     """
     real = run.real.dtype if run.is_complex() else run.dtype
-    p, q, e_p, e_q, kk = _path_counts(length, k, real, run.device)
-    run = run[..., None, None]  # (..., N, 1, 1)
-    switch_pow = torch.pow(switch[..., None, None], kk)  # (..., N, 1, k)
-    return p * torch.pow(run, e_p) * switch_pow, q * torch.pow(run, e_q) * switch_pow
+    p, q, e, kk = _path_counts(length, k, real, run.device)
+    powers = torch.pow(run[..., None, None], e) * torch.pow(switch[..., None, None], kk)  # run^(n-k) switch^k
+    # Q goes with run^(n-1-k): the table one row down (Q vanishes where that exponent is < 0).
+    shifted = torch.cat([powers[..., :1, :], powers[..., :-1, :]], -2)
+    return p * powers, q * shifted
 
 
 def roesser_kernel(a: Tensor, b: Tensor, c: Tensor, size: Sequence[int]) -> Tensor:
@@ -136,19 +137,21 @@ def roesser_kernel(a: Tensor, b: Tensor, c: Tensor, size: Sequence[int]) -> Tens
     a1, a2, a3, a4 = a.unbind(-2)  # (..., N)
     b1, b2 = b.unbind(-2)  # (..., N)
     k = min(h, w)
-    rp, rq = _axis_factors(a4, a3, h, k + 1)  # (..., N, H, k+1)
-    cp, cq = _axis_factors(a1, a2, w, k + 1)  # (..., N, W, k+1)
+    # Rows (run a4, switch a3) and columns (run a1, switch a2) in one batch, on max(H, W) points.
+    p_tab, q_tab = _axis_factors(torch.stack([a4, a1]), torch.stack([a3, a2]), max(h, w), k + 1)
+    rp, rq = p_tab[0, ..., :h, :], q_tab[0, ..., :h, :]  # (..., N, H, k+1)
+    cp, cq = p_tab[1, ..., :w, :], q_tab[1, ..., :w, :]  # (..., N, W, k+1)
     beta_r = ((a1 * b1 + a2 * b2) / 2)[..., None, None]  # (..., N, 1, 1)
     beta_d = ((a3 * b1 + a4 * b2) / 2)[..., None, None]
     rq_d = beta_d * rq[..., :k]  # (..., N, H, k)
-    x_h = torch.cat([beta_r * rp[..., :k], rq_d], -1) @ torch.cat([cq[..., :k], cp[..., 1:]], -1).mT
-    x_v = torch.cat([beta_r * rp[..., 1:], rq_d], -1) @ torch.cat([cq[..., :k], cp[..., :k]], -1).mT
-    origin = torch.zeros(h, w, dtype=x_h.dtype, device=x_h.device)
+    rp_r = beta_r * rp
+    left = torch.stack([torch.cat([rp_r[..., :k], rq_d], -1), torch.cat([rp_r[..., 1:], rq_d], -1)])
+    right = torch.stack([torch.cat([cq[..., :k], cp[..., 1:]], -1), torch.cat([cq[..., :k], cp[..., :k]], -1)])
+    states = left @ right.mT  # (2, ..., N, H, W): x_h, x_v without the origin
+    origin = torch.zeros(h, w, dtype=states.dtype, device=states.device)
     origin[0, 0] = 1.0
-    x_h = x_h + b1[..., None, None] * origin  # (..., N, H, W)
-    x_v = x_v + b2[..., None, None] * origin
-    states = torch.cat([x_h, x_v], -3)  # (..., 2N, H, W)
-    kernel = torch.einsum("...n,...nhw->...hw", c.flatten(-2), states)  # (..., H, W)
+    states = states + torch.stack([b1, b2])[..., None, None] * origin
+    kernel = torch.einsum("...tn,t...nhw->...hw", c, states)  # (..., H, W)
     return kernel.real if kernel.is_complex() else kernel
 
 
