@@ -33,7 +33,15 @@ from ssm2d import SSM2D  # noqa: E402
 from ssm2d.ops import fft_shape  # noqa: E402
 
 sys.path.append(str(_HERE))
-from _report import ROOT, machine, markdown_table, median_ms, text_table, update_section, write_json  # noqa: E402
+from _report import (  # noqa: E402
+    ROOT,
+    machine,
+    markdown_table,
+    median_ms,
+    text_table,
+    update_section,
+    write_json,
+)
 
 BATCH, STATE, DIRECTIONS = 64, 16, 4
 TARGETS = {"kernel_ms": {14: 4.0, 32: 12.0}, "kernel_peak_mb": {128: 1024.0}, "layer_over_floor": {14: 1.5, 32: 1.5}}

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
