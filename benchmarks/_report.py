@@ -72,3 +72,19 @@ def update_section(path: Path, name: str, body: str) -> None:
     else:
         text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
     path.write_text(text)
+
+
+def report(
+    payload: dict,
+    table: tuple[Sequence[str], Sequence[Sequence[str]]],
+    targets: Sequence[str],
+    json_path: Path,
+    update_docs: Callable[[dict], None] | None = None,
+) -> None:
+    """Print the table and the target verdicts, write the JSON and, if asked, the docs."""
+    print(text_table(*table))
+    print("\n".join(targets))
+    write_json(json_path, payload)
+    print(f"wrote {json_path}")
+    if update_docs is not None:
+        update_docs(payload)

@@ -38,9 +38,8 @@ from _report import (  # noqa: E402
     machine,
     markdown_table,
     median_ms,
-    text_table,
+    report,
     update_section,
-    write_json,
 )
 
 BATCH, STATE, DIRECTIONS = 64, 16, 4
@@ -272,13 +271,8 @@ def main() -> None:
         "results": results,
         "targets": check_targets(results),
     }
-    header, body = rows(results)
-    print(text_table(header, body))
-    print("\n".join(target_lines(payload["targets"])))
-    write_json(args.json, payload)
-    print(f"wrote {args.json}")
-    if args.update_docs:
-        update_docs(payload)
+    docs = update_docs if args.update_docs else None
+    report(payload, rows(results), target_lines(payload["targets"]), args.json, docs)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,20 @@
 """ssm2d: 2-D spatial layers for vision models, exact and fast in pure PyTorch."""
 
-from . import layers, ops
+from . import layers, models, ops
 from .layers import SSM2D, apply_on_tokens
+from .models import add_spatial_layers, create_model, list_models
 from .optim import param_groups
 
 __version__ = "0.1.0"
 
-__all__ = ["SSM2D", "apply_on_tokens", "layers", "ops", "param_groups"]
+__all__ = [
+    "SSM2D",
+    "add_spatial_layers",
+    "apply_on_tokens",
+    "create_model",
+    "layers",
+    "list_models",
+    "models",
+    "ops",
+    "param_groups",
+]

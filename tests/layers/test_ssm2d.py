@@ -449,3 +449,163 @@ def test_bad_conv_method_raises():
     layer.conv_method = "fast"
     with pytest.raises(ValueError, match=r"conv_method: expected 'auto', 'fft' or 'direct', got 'fast'"):
         layer(torch.randn(1, 3, 3, 8))
+
+
+# ---------------------------------------------------------------------------------------------
+# Truncated kernels (kernel_size) and identity initialization
+
+KERNEL_SIZES = [1, 3, (2, 5)]
+
+
+def truncated_forward(layer: SSM2D, x: torch.Tensor) -> torch.Tensor:
+    """Oracle: causal F.conv2d with each direction's kernel cut to `kernel_grid`, plus omega * x."""
+    y = causal_conv_oracle(x, layer.kernels(layer.kernel_grid((x.shape[1], x.shape[2]))))
+    return layer.norm(y + layer.omega * x)
+
+
+@pytest.mark.parametrize("conv_method", ["fft", "direct"])
+@pytest.mark.parametrize("grid", [(5, 7), (9, 4), (7, 11)], ids=size_id)
+@pytest.mark.parametrize("kernel_size", KERNEL_SIZES, ids=str)
+def test_kernel_size_fast_path_matches_ref_path(kernel_size, grid, conv_method):
+    fast = make_layer(kernel_size=kernel_size, conv_method=conv_method)
+    ref = copy.deepcopy(fast)
+    ref.fast_path = False
+    x = random_input(fast, grid).requires_grad_()
+    y_fast, y_ref = fast(x), ref(x)
+    assert_close(y_fast, y_ref, torch.float64, f"kernel_size={kernel_size}: fast vs ref path")
+    assert_close(y_fast, truncated_forward(fast, x), torch.float64, f"kernel_size={kernel_size}: fast vs oracle")
+    upstream = torch.randn_like(y_ref)
+    fast_grads, ref_grads = param_grads(fast, x, upstream), param_grads(ref, x, upstream)
+    assert_same_grads(fast_grads, ref_grads, torch.float64)
+    # A 1 x 1 causal kernel is C B at offset (0, 0): no state transition, so A is unused.
+    unused = {"a_raw"} if fast.kernel_grid(grid) == (1, 1) else set()
+    for name, g in fast_grads.items():
+        assert (g.abs().max().item() == 0) == (name in unused), f"grad {name}: max abs {g.abs().max().item():.3e}"
+
+
+@pytest.mark.parametrize("conv_method", ["fft", "direct"])
+@pytest.mark.parametrize("grid", [(5, 7), (9, 4), (7, 11)], ids=size_id)
+@pytest.mark.parametrize("kernel_size", KERNEL_SIZES, ids=str)
+def test_kernel_size_bounds_the_reach(kernel_size, grid, conv_method):
+    """The output differs from the global-kernel layer exactly when the grid exceeds the kernel."""
+    layer = make_layer(kernel_size=kernel_size, conv_method=conv_method)
+    full = make_layer(conv_method=conv_method)
+    full.load_state_dict(layer.state_dict())
+    x = random_input(layer, grid)
+    with torch.no_grad():
+        change = rel_fro(layer(x), full(x))
+    assert layer.kernel_grid(grid) != grid and change > 1e-3, f"kernel_size={kernel_size}: change {change:.3e}"
+
+
+@pytest.mark.parametrize("conv_method", ["fft", "direct"])
+@pytest.mark.parametrize("kernel_size", [50, (5, 7), (6, 7), (5, 30)], ids=str)
+def test_kernel_size_at_least_grid_equals_global_kernel(kernel_size, conv_method):
+    grid = (5, 7)
+    layer = make_layer(kernel_size=kernel_size, conv_method=conv_method)
+    full = make_layer(conv_method=conv_method)
+    full.load_state_dict(layer.state_dict())
+    assert layer.kernel_grid(grid) == grid and full.kernel_grid(grid) == grid
+    x = random_input(layer, grid).requires_grad_()
+    y, y_full = layer(x), full(x)
+    assert torch.equal(y, y_full), f"max abs diff {(y - y_full).abs().max().item():.3e}"
+    upstream = torch.randn_like(y)
+    assert_same_grads(param_grads(layer, x, upstream), param_grads(full, x, upstream), torch.float64)
+
+
+@pytest.mark.parametrize(
+    "kernel_size, grid, expected",
+    [
+        (3, (9, 7), (3, 3)),
+        ((2, 5), (9, 7), (2, 5)),
+        ((2, 5), (9, 4), (2, 4)),
+        (7, (4, 3), (4, 3)),
+        (None, (9, 7), (9, 7)),
+    ],
+    ids=["3-9x7", "2x5-9x7", "2x5-9x4", "7-4x3", "None-9x7"],
+)
+def test_kernel_grid_and_folded_kernel_size(kernel_calls, kernel_size, grid, expected):
+    layer = make_layer(kernel_size=kernel_size, conv_method="direct").eval()
+    assert layer.kernel_grid(grid) == expected
+    kh, kw = expected
+    truncated, whole = layer.kernels(expected), layer.kernels(grid)
+    assert truncated.shape == (4, layer.dim, kh, kw)
+    # a causal kernel's first cells do not depend on how far it extends
+    assert_close(truncated, whole[..., :kh, :kw], torch.float64, "truncated kernel vs crop of the whole one")
+    kernel_calls.clear()
+    x = random_input(layer, grid)
+    with torch.no_grad():
+        layer(x)
+    assert kernel_calls == [expected], f"kernel computed for {kernel_calls}, expected only {expected}"
+    folded = layer._cache[1]  # direct method: the folded (C, 2kh-1, 2kw-1) kernel
+    assert folded.shape == (layer.dim, 2 * kh - 1, 2 * kw - 1), f"folded kernel {tuple(folded.shape)}"
+    layer.conv_method = "fft"
+    with torch.no_grad():
+        layer(x)
+    m1, m2 = LAYER_MODULE.fft_shape(grid, expected)
+    assert m1 >= grid[0] + kh - 1 and m2 >= grid[1] + kw - 1, "too small for a linear convolution"
+    assert layer._cache[1].shape == (layer.dim, m1, m2 // 2 + 1), f"spectrum {tuple(layer._cache[1].shape)}"
+
+
+@pytest.mark.parametrize("kernel_size", [None, 3], ids=str)
+@pytest.mark.parametrize("conv_method", ["fft", "direct"])
+@pytest.mark.parametrize("variant", ["real", "complex"])
+def test_reset_to_identity_is_exact_identity(variant, conv_method, kernel_size):
+    layer = make_layer(variant=variant, conv_method=conv_method, kernel_size=kernel_size)
+    a_before = [p.detach().clone() for n, p in layer.named_parameters() if n.startswith(("a_", "b_"))]
+    x = random_input(layer, (5, 7))
+    assert rel_fro(layer(x), x) > 0.1
+    layer.reset_to_identity()
+    assert not layer.c_raw.any() and torch.equal(layer.omega, torch.ones_like(layer.omega))
+    a_after = [p for n, p in layer.named_parameters() if n.startswith(("a_", "b_"))]
+    assert all(torch.equal(p, q) for p, q in zip(a_before, a_after)), "A and B must keep their values"
+    y = layer(x)
+    assert (y - x).abs().max().item() == 0.0, f"identity layer: max abs diff {(y - x).abs().max().item():.3e}"
+    # and it trains away from the identity: C gets a gradient
+    upstream = torch.randn_like(x)
+    grad = param_grads(layer, x.requires_grad_(), upstream)
+    assert grad["c_raw"].abs().max() > 0
+    assert torch.equal(grad["x"], upstream), "the identity layer's input gradient is the upstream gradient"
+
+
+@pytest.mark.parametrize("conv_method", ["fft", "direct"])
+def test_reset_to_identity_invalidates_eval_cache(kernel_calls, conv_method):
+    layer = make_layer(conv_method=conv_method).eval()
+    x = random_input(layer, (5, 7))
+    with torch.no_grad():
+        y0 = layer(x)
+    assert layer._cache is not None and len(kernel_calls) == 1
+    assert rel_fro(y0, x) > 0.1
+    layer.reset_to_identity()
+    assert layer._cache is None, "reset_to_identity must drop the cached kernel"
+    with torch.no_grad():
+        y1 = layer(x)
+    assert len(kernel_calls) == 2, "the kernel was not recomputed after reset_to_identity"
+    assert torch.equal(y1, x), f"max abs diff {(y1 - x).abs().max().item():.3e}"
+
+
+@pytest.mark.parametrize("kernel_size, text", [(None, "kernel_size=None"), (3, "kernel_size=(3, 3)"),
+                                               ((2, 5), "kernel_size=(2, 5)"), ([4, 1], "kernel_size=(4, 1)")])
+def test_extra_repr_shows_kernel_size(kernel_size, text):
+    layer = SSM2D(8, state_dim=2, kernel_size=kernel_size)
+    assert text in repr(layer), repr(layer)
+    if kernel_size is None:
+        expected = None
+    else:
+        expected = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+    assert layer.kernel_size == expected and isinstance(layer.kernel_size, (tuple, type(None)))
+
+
+def test_auto_method_follows_the_need_for_a_backward(monkeypatch):
+    """On an 8 x 8 grid "auto" runs the FFT when a backward follows, the direct path otherwise."""
+    calls = []
+    for name in ("fft_conv2d", "direct_conv2d"):
+        original = getattr(LAYER_MODULE, name)
+        monkeypatch.setattr(LAYER_MODULE, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    layer = make_layer(dim=4, dtype=torch.float32)
+    x = torch.randn(2, 8, 8, 4)
+    train_out = layer(x)
+    layer.eval()
+    with torch.no_grad():
+        eval_out = layer(x)
+    assert calls == ["fft_conv2d", "direct_conv2d"]
+    assert_close(eval_out, train_out.detach().double(), torch.float32, "direct (inference) vs fft (training)")

@@ -160,3 +160,8 @@ def test_choose_conv_method():
     assert choose_conv_method((4, 4), (4, 4)) == "direct"
     assert choose_conv_method((32, 32), (32, 32)) == "fft"
     assert choose_conv_method((32, 32), (2, 2)) == "direct"  # a tiny truncated kernel
+    # Without a backward, the direct path wins on larger grids (measured up to about 28 x 28).
+    assert choose_conv_method((8, 8), (8, 8)) == "fft"
+    assert choose_conv_method((8, 8), (8, 8), backward=False) == "direct"
+    assert choose_conv_method((24, 24), (24, 24), backward=False) == "direct"
+    assert choose_conv_method((32, 32), (32, 32), backward=False) == "fft"

@@ -30,6 +30,19 @@ __all__ = ["SSM2D"]
 NO_WEIGHT_DECAY = {"weight_decay": 0.0}
 
 
+def _pair_or_none(kernel_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
+    if kernel_size is None:
+        return None
+    pair = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+    if (
+        not isinstance(pair, (tuple, list))
+        or len(pair) != 2
+        or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in pair)
+    ):
+        raise ValueError(f"kernel_size: expected None, an integer >= 1 or a pair of them, got {kernel_size!r}")
+    return tuple(pair)
+
+
 def _same_values(saved: list[Tensor], params: list[nn.Parameter]) -> bool:
     """True where every parameter still has the saved dtype, device and values."""
     return all(
@@ -58,11 +71,17 @@ class SSM2D(nn.Module):
             layout, where every direction of a channel uses the same set (spec section 5).
         skip: add omega * x (the D term).
         out_norm: LayerNorm on the output.
+        kernel_size: truncate each direction's causal kernel to this many cells per axis (int or
+            (kh, kw)); the folded kernel then spans (2kh-1) x (2kw-1). None (default) keeps the
+            whole grid: a global kernel. Used where the layer replaces a small depthwise
+            convolution (ConvNeXt, spec section 8).
 
     Attributes:
         fast_path: closed-form kernel and folded convolution when True (default); the
             per-cell recurrence and per-direction shift-and-add convolution when False.
-        conv_method: "auto" (by grid size), "fft" or "direct", for the fast path.
+        conv_method: "auto" (by grid and kernel size, and whether autograd will need a
+            backward: inference takes the direct path on grids up to about 28 x 28), "fft" or
+            "direct", for the fast path.
     """
 
     def __init__(
@@ -76,6 +95,7 @@ class SSM2D(nn.Module):
         skip: bool = True,
         out_norm: bool = False,
         per_direction_sets: bool = False,
+        kernel_size: int | tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("state_dim", state_dim), ("n_ssm", n_ssm)):
@@ -92,6 +112,7 @@ class SSM2D(nn.Module):
                 "per_direction_sets: expected c_per_channel=True (with shared C every direction already "
                 "has its own sets), got c_per_channel=False"
             )
+        self.kernel_size = _pair_or_none(kernel_size)
         self.dim, self.state_dim, self.n_ssm, self.directions = dim, state_dim, n_ssm, directions
         self.variant, self.c_per_channel, self.out_norm = variant, c_per_channel, out_norm
         self.per_direction_sets = per_direction_sets
@@ -143,6 +164,22 @@ class SSM2D(nn.Module):
             self.norm.reset_parameters()
         self._cache = None
 
+    @torch.no_grad()
+    def reset_to_identity(self) -> None:
+        """Make the layer the identity map: skip omega = 1 and C = 0 (kernels vanish).
+
+        Used to insert layers into a trained model without changing its outputs; A and B keep
+        their initialization, so fine-tuning moves C away from zero.
+        """
+        if self.omega is None or self.out_norm:
+            raise ValueError(
+                f"reset_to_identity: expected skip=True and out_norm=False, got skip={self.omega is not None} "
+                f"and out_norm={self.out_norm}"
+            )
+        self.c_raw.zero_()
+        self.omega.fill_(1.0)
+        self._cache = None
+
     def coefficients(self) -> tuple[Tensor, Tensor, Tensor]:
         """Activated coefficients: a (S, 4, N), b (S, 2, N), c (rows, 2, N), rows = d*C or S."""
         if self.variant == "real":
@@ -182,6 +219,12 @@ class SSM2D(nn.Module):
         k = kernel_fn(a, b, c, grid).reshape(d, self.n_ssm, *grid)  # (d, n_ssm, H, W)
         return k[:, torch.arange(self.dim, device=k.device) % self.n_ssm]
 
+    def kernel_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """Causal kernel size used on an H x W grid: the grid, truncated to `kernel_size`."""
+        if self.kernel_size is None:
+            return grid
+        return (min(grid[0], self.kernel_size[0]), min(grid[1], self.kernel_size[1]))
+
     def _prepared_kernel(self, grid: tuple[int, int], method: str) -> Tensor:
         """Folded kernel (direct) or its spectrum (fft); cached in eval mode.
 
@@ -195,8 +238,9 @@ class SSM2D(nn.Module):
             (cached_grid, cached_method, values), prepared = self._cache
             if (cached_grid, cached_method) == (grid, method) and _same_values(values, params):
                 return prepared
-        full = fold_directions(self.kernels(grid))  # (C, 2H-1, 2W-1)
-        prepared = kernel_spectrum(full, fft_shape(grid, grid)) if method == "fft" else full
+        ksize = self.kernel_grid(grid)
+        full = fold_directions(self.kernels(ksize))  # (C, 2kh-1, 2kw-1)
+        prepared = kernel_spectrum(full, fft_shape(grid, ksize)) if method == "fft" else full
         self._cache = ((grid, method, [p.detach().clone() for p in params]), prepared) if cacheable else None
         return prepared
 
@@ -209,14 +253,20 @@ class SSM2D(nn.Module):
         if x.ndim != 4 or x.shape[-1] != self.dim:
             raise ValueError(f"x: expected shape (B, H, W, C) with C={self.dim}, got {tuple(x.shape)}")
         grid = (x.shape[1], x.shape[2])
+        ksize = self.kernel_grid(grid)
         if not self.fast_path:
-            y = directional_conv2d_ref(x, self.kernels(grid).to(x.dtype))
+            y = directional_conv2d_ref(x, self.kernels(ksize).to(x.dtype))
         else:
-            method = choose_conv_method(grid, grid) if self.conv_method == "auto" else self.conv_method
+            method = self.conv_method
+            if method == "auto":
+                backward = torch.is_grad_enabled() and (
+                    x.requires_grad or any(p.requires_grad for p in self._ssm_parameters())
+                )
+                method = choose_conv_method(grid, ksize, backward=backward)
             if method not in ("fft", "direct"):
                 raise ValueError(f"conv_method: expected 'auto', 'fft' or 'direct', got {self.conv_method!r}")
             prepared = self._prepared_kernel(grid, method)
-            y = fft_conv2d(x, prepared, fft_shape(grid, grid)) if method == "fft" else direct_conv2d(x, prepared)
+            y = fft_conv2d(x, prepared, fft_shape(grid, ksize)) if method == "fft" else direct_conv2d(x, prepared)
         if self.omega is not None:
             y = y + x * self.omega.to(x.dtype)
         return self.norm(y)
@@ -226,5 +276,6 @@ class SSM2D(nn.Module):
             f"dim={self.dim}, state_dim={self.state_dim}, n_ssm={self.n_ssm}, directions={self.directions}, "
             f"variant={self.variant!r}, c_per_channel={self.c_per_channel}, skip={self.omega is not None}, "
             f"out_norm={self.out_norm}, per_direction_sets={self.per_direction_sets}, "
+            f"kernel_size={self.kernel_size}, "
             f"fast_path={self.fast_path}, conv_method={self.conv_method!r}"
         )

@@ -36,9 +36,11 @@ ConvMethod = Literal["auto", "fft", "direct"]
 DIRECTION_FLIPS: tuple[tuple[int, ...], ...] = ((), (1, 2), (2,), (1,))
 
 # The direct depthwise convolution wins while its multiply count is below this multiple of
-# M1 * M2 * log2(M1 * M2) (layer forward+backward at B=64, C=192 on 2 CPU cores: direct is
-# faster up to 5 x 5 and 2 x 16, the FFT from 6 x 6 and 4 x 12 on).
-_DIRECT_COST_RATIO = 3.5
+# M1 * M2 * log2(M1 * M2). With a backward (layer forward+backward at B=64, C=192 on 2 CPU
+# cores) direct is faster up to 5 x 5 and 2 x 16, the FFT from 6 x 6 and 4 x 12 on: the
+# depthwise weight gradient is slow. Forward only (B = 8 and 64, C = 64 and 192), direct is
+# faster up to 24 x 24 with a whole-grid kernel, even at 28 x 28, and slower from 32 x 32.
+_DIRECT_COST_RATIO = {True: 3.5, False: 60.0}  # keyed on "a backward follows"
 
 # Spectrum bytes per channel block of the FFT convolution (see `_SpectralConv`). At B=64 on
 # 2 CPU cores, 2 MB blocks made forward+backward 3-4x faster than whole-tensor transforms.
@@ -97,12 +99,17 @@ def fft_shape(grid: tuple[int, int], kernel_size: tuple[int, int]) -> tuple[int,
     return _fast_length(grid[0] + kernel_size[0] - 1), _fast_length(grid[1] + kernel_size[1] - 1)
 
 
-def choose_conv_method(grid: tuple[int, int], kernel_size: tuple[int, int]) -> Literal["fft", "direct"]:
-    """The faster convolution path for this grid and causal kernel size, from a cost model."""
+def choose_conv_method(
+    grid: tuple[int, int], kernel_size: tuple[int, int], backward: bool = True
+) -> Literal["fft", "direct"]:
+    """The faster convolution path for this grid and causal kernel size, from a cost model.
+
+    `backward`: whether a backward pass follows (training); inference favours the direct path.
+    """
     m1, m2 = fft_shape(grid, kernel_size)
     direct = grid[0] * grid[1] * (2 * kernel_size[0] - 1) * (2 * kernel_size[1] - 1)
     fft = m1 * m2 * math.log2(m1 * m2)
-    return "direct" if direct <= _DIRECT_COST_RATIO * fft else "fft"
+    return "direct" if direct <= _DIRECT_COST_RATIO[bool(backward)] * fft else "fft"
 
 
 def kernel_spectrum(kernel: Tensor, shape: tuple[int, int]) -> Tensor:

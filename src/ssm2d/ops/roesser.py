@@ -26,12 +26,14 @@ the states are two matrix products over k, boundary weight included::
     x_h = beta_r sum_k RP(i,k) CQ(j,k)   + beta_d sum_k RQ(i,k-1) CP(j,k)
     x_v = beta_r sum_k RP(i,k) CQ(j,k-1) + beta_d sum_k RQ(i,k)   CP(j,k)
 
-plus b at the origin. The tables are built per call (no symbolic precompute, nothing kept),
-and their entries are bounded by 1 for |a| <= 1, so float32 neither overflows nor underflows.
+plus b at the origin. The tables are built per call from small cached binomial counts (no
+symbolic precompute), and their entries are bounded by 1 for |a| <= 1, so float32 neither
+overflows nor underflows.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Sequence
@@ -54,9 +56,7 @@ def _check_inputs(a: Tensor, b: Tensor, c: Tensor, size: Sequence[int]) -> tuple
     n = a.shape[-1]
     for name, t, rows in (("b", b, 2), ("c", c, 2)):
         if t.shape[-1] != n:
-            raise ValueError(
-                f"{name}: expected shape (..., {rows}, N) with N={n} as in a, got {tuple(t.shape)}"
-            )
+            raise ValueError(f"{name}: expected shape (..., {rows}, N) with N={n} as in a, got {tuple(t.shape)}")
     try:
         torch.broadcast_shapes(a.shape[:-2], b.shape[:-2], c.shape[:-2])
     except RuntimeError:
@@ -70,10 +70,12 @@ def _check_inputs(a: Tensor, b: Tensor, c: Tensor, size: Sequence[int]) -> tuple
         h = w = 0
     if isinstance(size, (str, bytes)) or min(h, w) < 1:
         raise ValueError(f"size: expected (H, W) with integers H, W >= 1, got {size!r}")
-    for name, t in (("a", a), ("b", b), ("c", c)):
-        bad = int((~torch.isfinite(t)).sum())
-        if bad:
-            raise ValueError(f"{name}: expected finite values, got {bad} non-finite entries")
+    finite = [torch.isfinite(t).all() for t in (a, b, c)]
+    if not bool(torch.stack(finite).all()):  # one device sync for the three checks
+        for name, t in (("a", a), ("b", b), ("c", c)):
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise ValueError(f"{name}: expected finite values, got {bad} non-finite entries")
     return h, w
 
 
@@ -81,13 +83,21 @@ def _common_dtype(a: Tensor, b: Tensor, c: Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(a.dtype, b.dtype), c.dtype)
 
 
+@functools.lru_cache(maxsize=64)
 def _path_counts(length: int, k: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
     """Binomial path counts along one axis.
 
     Returns P and Q of the module docstring, both (length, k), and the exponent tables
     n - k (clamped at 0) and k, as `dtype` tensors on `device`. They are built in float64 on
-    the CPU (some accelerators have no float64) and moved once.
+    the CPU (some accelerators have no float64), moved once, and kept for the next call with
+    the same sizes (4 * length * k numbers; they do not depend on the parameters). They are
+    made outside inference mode, so that autograd can save them after an inference-mode call.
     """
+    with torch.inference_mode(False):
+        return _build_path_counts(length, k, dtype, device)
+
+
+def _build_path_counts(length: int, k: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
     n = torch.arange(length, dtype=torch.float64)[:, None]  # (length, 1)
     kk = torch.arange(k, dtype=torch.float64)[None, :]  # (1, k)
     log_p = (

@@ -1,0 +1,57 @@
+"""Build a timm backbone from its pretrained config, then insert spatial layers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg
+
+from .retrofit import SpatialLayer, add_spatial_layers
+
+__all__ = ["DATA_CFGS", "build", "cfg"]
+
+# Default data settings per input family: classes, input size and normalization.
+DATA_CFGS: dict[str, dict[str, Any]] = {
+    "cifar100": dict(
+        num_classes=100, input_size=(3, 32, 32), mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)
+    ),
+    "tiny_imagenet": dict(
+        num_classes=200, input_size=(3, 64, 64), mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD
+    ),
+    "imagenet": dict(num_classes=1000, input_size=(3, 224, 224), mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD),
+    "fashion_mnist": dict(num_classes=10, input_size=(1, 28, 28), mean=(0.2860,), std=(0.3530,)),
+}
+
+
+def cfg(data: str, first_conv: str, classifier: str = "head") -> dict[str, Any]:
+    """A timm pretrained config without weights: data settings of `DATA_CFGS[data]`."""
+    return dict(
+        url="", crop_pct=1.0, interpolation="bicubic", first_conv=first_conv, classifier=classifier,
+        license="apache-2.0", **DATA_CFGS[data],
+    )  # fmt: skip
+
+
+def build(
+    model_cls: type[nn.Module],
+    variant: str,
+    pretrained: bool,
+    layer: SpatialLayer | None = None,
+    placement: str | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """timm's `build_model_with_cfg`, then `add_spatial_layers(model, layer, placement)` if `layer`.
+
+    The model's defaults (num_classes, in_chans, img_size) come from its pretrained config,
+    and keyword arguments override them.
+    """
+    if pretrained:
+        raise ValueError(
+            f"pretrained: {variant} has no published weights; build the timm baseline with its weights "
+            "and call ssm2d.add_spatial_layers(model, init='identity') instead"
+        )
+    model = build_model_with_cfg(model_cls, variant, pretrained=False, **kwargs)
+    if layer is not None:
+        add_spatial_layers(model, layer=layer, placement=placement)
+    return model

@@ -1,0 +1,61 @@
+"""ssm2d's model names, registered in timm's registry so that `timm.create_model` builds them."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import timm
+import torch.nn as nn
+
+__all__ = ["create_model", "list_models", "register_model", "register_variants"]
+
+_NAMES: set[str] = set()
+Entrypoint = TypeVar("Entrypoint", bound=Callable[..., nn.Module])
+
+
+def register_model(fn: Entrypoint) -> Entrypoint:
+    """Decorator: register an entrypoint with timm under its function name, and list it as ssm2d's."""
+    _NAMES.add(fn.__name__)
+    return timm.models.register_model(fn)
+
+
+def register_variants(create: Callable[..., nn.Module], names: Iterable[str]) -> None:
+    """Register one entrypoint per name: `name(pretrained=False, **kwargs)` calls
+    `create(name, pretrained, **kwargs)`. The entrypoints belong to `create`'s module."""
+    for name in names:
+        register_model(_entrypoint(create, name))
+
+
+def _entrypoint(create: Callable[..., nn.Module], name: str) -> Callable[..., nn.Module]:
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        return create(name, pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = create.__module__
+    entrypoint.__doc__ = f"Build {name} (see {create.__module__}); keyword arguments go to the model class."
+    return entrypoint
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Sorted names of ssm2d's registered models matching a shell-style pattern, e.g. "vit_*ssm2d*"."""
+    if not isinstance(pattern, str):
+        raise TypeError(f"pattern: expected a shell-style pattern string, got {pattern!r}")
+    return sorted(n for n in _NAMES if fnmatch.fnmatchcase(n, pattern))
+
+
+def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Build a registered model: ssm2d's own (see `list_models`) or any other timm name.
+
+    Keyword arguments go to the timm model class (e.g. num_classes, in_chans, img_size,
+    drop_path_rate), which raises TypeError on a misspelled one. Weights are loaded only when
+    `pretrained=True` is asked for, and ssm2d's models have none: build the timm baseline with
+    its weights and call `ssm2d.add_spatial_layers(model, init="identity")` instead.
+    """
+    if name not in _NAMES and not timm.is_model(name):
+        close = difflib.get_close_matches(name, sorted(_NAMES), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"name: unknown model {name!r}{hint} (ssm2d.list_models() lists ssm2d's models)")
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
