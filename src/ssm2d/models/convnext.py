@@ -9,7 +9,7 @@ the convolution it replaces (pass `kernel_size` to `SSM2D` for another truncatio
   depths 2-2-2-2, patch-1 stem (stage grids 32, 16, 8, 4, the 224-input ConvNeXt's grids
   scaled by 32/224 x 8). timm's stem takes patch 1 or >= 4: a patch-2 stem is followed by a
   stride-2 first stage.
-- `convnext_mini_28`: for 28 x 28 single-channel input: dims 24-48-96-192, depths 1-1-2-1,
+- `convnext_mini_28`: for 28 x 28 single-channel input: dims 16-32-64-128, depths 1-1-1-1,
   patch-1 stem (stage grids 28, 14, 7, 3).
 """
 
@@ -36,7 +36,7 @@ _ARCHS: dict[str, tuple[dict[str, Any], str, tuple[str, ...]]] = {
         ("", "_ssm2d", "_ssm2d_complex"),
     ),
     "convnext_mini_28": (
-        dict(dims=(24, 48, 96, 192), depths=(1, 1, 2, 1), patch_size=1), "fashion_mnist", ("", "_ssm2d"),
+        dict(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), patch_size=1), "fashion_mnist", ("", "_ssm2d"),
     ),
 }  # fmt: skip
 _NAMES = {base + suffix: base for base, (_, _, suffixes) in _ARCHS.items() for suffix in suffixes}

@@ -5,8 +5,8 @@ shift and window partition. All take any input size (`dynamic_img_size`).
 
 - `swin_sd_32`: the paper's small-data Swin for 32 x 32 input: patch 2, window 4, dim 96,
   depths 2-6-4, heads 3-6-12.
-- `swin_mini_28`: for 28 x 28 single-channel input: patch 2, window 7, dim 32, depths 2-2,
-  heads 2-4.
+- `swin_mini_28`: for 28 x 28 single-channel input: patch 4, window 7, dim 32, depths 2-2,
+  heads 2-4 (stage grids 7 and 3: one window per stage).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ _ARCHS: dict[str, tuple[dict[str, Any], str]] = {
         "cifar100",
     ),
     "swin_mini_28": (
-        dict(img_size=28, patch_size=2, window_size=7, embed_dim=32, depths=(2, 2), num_heads=(2, 4)),
+        dict(img_size=28, patch_size=4, window_size=7, embed_dim=32, depths=(2, 2), num_heads=(2, 4)),
         "fashion_mnist",
     ),
 }  # fmt: skip

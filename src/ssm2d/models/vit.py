@@ -7,7 +7,7 @@ paper's "no positional encoding" ablation). All take any input size (`dynamic_im
 - `vit_sd_32`: the small-data ViT of Lee et al. 2021 for 32 x 32 input (CIFAR): patch 4, dim 192,
   depth 9, 12 heads, MLP ratio 2. `vit_sd_64`: the same at 64 x 64 with patch 8 (Tiny-ImageNet).
 - `deit_tiny_224`, `deit_small_224`: DeiT-Tiny and DeiT-Small (patch 16, ImageNet).
-- `vit_mini_28`: for 28 x 28 single-channel input (Fashion-MNIST): patch 4, dim 64, depth 6,
+- `vit_mini_28`: for 28 x 28 single-channel input (Fashion-MNIST): patch 4, dim 64, depth 4,
   4 heads, MLP ratio 2.
 """
 
@@ -34,7 +34,7 @@ _ARCHS: dict[str, tuple[dict[str, Any], str, tuple[str, ...]]] = {
     "deit_tiny_224": (_DEIT_TINY, "imagenet", ("", "_ssm2d")),
     "deit_small_224": (dict(_DEIT_TINY, embed_dim=384, num_heads=6), "imagenet", ("", "_ssm2d")),
     "vit_mini_28": (
-        dict(img_size=28, patch_size=4, embed_dim=64, depth=6, num_heads=4, mlp_ratio=2.0), "fashion_mnist", _ALL,
+        dict(img_size=28, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0), "fashion_mnist", _ALL,
     ),
 }  # fmt: skip
 _NAMES = {base + suffix: base for base, (_, _, suffixes) in _ARCHS.items() for suffix in suffixes}
