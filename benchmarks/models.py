@@ -138,12 +138,14 @@ def markdown(payload: dict) -> str:
         "Training step: forward, cross-entropy backward and AdamW step, train mode. Inference: eval mode, "
         "no_grad, SSM kernels cached. Ratios: +2-D SSM time over its baseline's.",
         "",
-        "Where the time goes (`vit_sd_32_ssm2d`, one layer at batch 8 on the 8 x 8 grid, C = 192): the kernel's "
-        "forward and backward, the folding of its 4 directions and its spectrum cost about 2.5-3 ms per training "
-        "step whatever the batch, and the FFT convolution's forward and backward about 3.5 ms, against about 8 ms for "
-        "the rest of the block. At this size every one of these is a few hundred small operations, so the cost is "
-        "per-operation overhead rather than arithmetic; at batch 64 the fixed part is spread over 8 times more images. "
-        "In inference the kernel is cached and the direct convolution takes about 0.2 ms per layer.",
+        "Where the time goes (`vit_sd_32_ssm2d`, one layer at batch 8 on the 8 x 8 grid, C = 192, training): the "
+        "kernel's forward and backward take about 1.5 ms whatever the batch (some 800 small operations: per-operation "
+        "overhead, not arithmetic), folding the 4 directions about 0.5 ms, and the convolution (direct forward, "
+        "adjoint convolution, FFT correlation for the kernel gradient) about 2 ms, against about 8 ms for the rest "
+        "of the block. At batch 64 the kernel's fixed cost is spread over 8 times more images. In inference the "
+        "folded kernel is cached and the direct convolution takes about 0.2 ms per layer. Timings on this VM vary by "
+        "up to 2x from run to run; with glibc's MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ raised (fewer page "
+        "faults) the layer ran 30-50% faster and steadier, but the table uses the default allocator.",
         "",
         f"Targets (batch {TARGET_BATCH}):",
         *target_lines(payload["results"]),

@@ -596,13 +596,13 @@ def test_extra_repr_shows_kernel_size(kernel_size, text):
 
 
 def test_auto_method_follows_the_need_for_a_backward(monkeypatch):
-    """On an 8 x 8 grid "auto" runs the FFT when a backward follows, the direct path otherwise."""
+    """On a 24 x 24 grid "auto" runs the FFT when a backward follows, the direct path otherwise."""
     calls = []
     for name in ("fft_conv2d", "direct_conv2d"):
         original = getattr(LAYER_MODULE, name)
         monkeypatch.setattr(LAYER_MODULE, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
     layer = make_layer(dim=4, dtype=torch.float32)
-    x = torch.randn(2, 8, 8, 4)
+    x = torch.randn(2, 24, 24, 4)
     train_out = layer(x)
     layer.eval()
     with torch.no_grad():

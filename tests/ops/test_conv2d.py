@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import assert_close, causal_conv_oracle, grads, size_id
 
-import ssm2d.ops.conv2d as conv2d_module
+import ssm2d.ops.fftconv as fftconv_module
 from ssm2d.ops import (
     DIRECTION_FLIPS,
     choose_conv_method,
@@ -72,9 +72,9 @@ def test_fft_channel_blocks_match_ref(monkeypatch, block_bytes):
     x, kernels = _data(grid, grid, 4, channels=7)
     x.requires_grad_()
     kernels.requires_grad_()
-    monkeypatch.setattr(conv2d_module, "_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(fftconv_module, "_BLOCK_BYTES", block_bytes)
     shape = fft_shape(grid, grid)
-    assert len(conv2d_module._channel_blocks(x.shape[0], 7, shape)) > 1
+    assert len(fftconv_module._channel_blocks(x.shape[0], 7, shape)) > 1
     y = directional_conv2d(x, kernels, method="fft")
     ref = directional_conv2d_ref(x, kernels)
     assert_close(y, ref, torch.float64, "blocked fft vs ref")
@@ -160,8 +160,11 @@ def test_choose_conv_method():
     assert choose_conv_method((4, 4), (4, 4)) == "direct"
     assert choose_conv_method((32, 32), (32, 32)) == "fft"
     assert choose_conv_method((32, 32), (2, 2)) == "direct"  # a tiny truncated kernel
+    # With a backward: direct for whole-grid kernels up to 20 x 20 and small truncations anywhere.
+    assert choose_conv_method((16, 16), (16, 16)) == "direct"
+    assert choose_conv_method((24, 24), (24, 24)) == "fft"
+    assert choose_conv_method((56, 56), (4, 4)) == "direct"
+    assert choose_conv_method((32, 32), (7, 7)) == "fft"
     # Without a backward, the direct path wins on larger grids (measured up to about 28 x 28).
-    assert choose_conv_method((8, 8), (8, 8)) == "fft"
-    assert choose_conv_method((8, 8), (8, 8), backward=False) == "direct"
     assert choose_conv_method((24, 24), (24, 24), backward=False) == "direct"
     assert choose_conv_method((32, 32), (32, 32), backward=False) == "fft"

@@ -18,16 +18,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .fftconv import _check_input, correlate_sum, fft_conv2d, fft_shape, kernel_spectrum
+
 __all__ = [
     "DIRECTION_FLIPS",
     "choose_conv_method",
     "direct_conv2d",
     "directional_conv2d",
     "directional_conv2d_ref",
-    "fft_conv2d",
-    "fft_shape",
     "fold_directions",
-    "kernel_spectrum",
 ]
 
 ConvMethod = Literal["auto", "fft", "direct"]
@@ -35,26 +34,22 @@ ConvMethod = Literal["auto", "fft", "direct"]
 # Grid axes (of a (B, H, W, C) tensor) flipped to bring each corner to the top-left.
 DIRECTION_FLIPS: tuple[tuple[int, ...], ...] = ((), (1, 2), (2,), (1,))
 
-# The direct depthwise convolution wins while its multiply count is below this multiple of
-# M1 * M2 * log2(M1 * M2). With a backward (layer forward+backward at B=64, C=192 on 2 CPU
-# cores) direct is faster up to 5 x 5 and 2 x 16, the FFT from 6 x 6 and 4 x 12 on: the
-# depthwise weight gradient is slow. Forward only (B = 8 and 64, C = 64 and 192), direct is
-# faster up to 24 x 24 with a whole-grid kernel, even at 28 x 28, and slower from 32 x 32.
-_DIRECT_COST_RATIO = {True: 3.5, False: 60.0}  # keyed on "a backward follows"
-
-# Spectrum bytes per channel block of the FFT convolution (see `_SpectralConv`). At B=64 on
-# 2 CPU cores, 2 MB blocks made forward+backward 3-4x faster than whole-tensor transforms.
-_BLOCK_BYTES = 2 << 20
+# Cost model: r = (direct multiplies H W kh2 kw2) / (M1 M2 log2(M1 M2)), measured on 2 CPU
+# cores at B = 8 and 64, C = 64 to 192, forward+backward and forward only:
+# - forward only, direct wins up to r of about 60 (whole-grid kernels up to 24 x 24, even at
+#   28 x 28; the FFT from 32 x 32);
+# - with a backward, whose kernel gradient is an FFT correlation over the whole grid anyway,
+#   direct wins for small truncated kernels on any grid (r <= 4: 0.55-0.9x the FFT path at
+#   32 x 32 and 56 x 56) and for whole-grid kernels up to 20 x 20 (0.7x at 16 x 16, 1.0x at
+#   20 x 20), but not for 7 x 7 truncations of 32 x 32 grids (r = 10: 1.2-1.8x).
+_DIRECT_MAX_RATIO = {False: 60.0, True: 36.0}  # keyed on "a backward follows"
+_DIRECT_ANY_GRID_RATIO = 4.0  # with a backward: direct on any grid below this r
+_DIRECT_MAX_AREA = 400  # with a backward: direct up to this H * W (and r <= 36)
 
 
 def _check_kernels(kernels: Tensor) -> None:
     if kernels.ndim != 4 or kernels.shape[0] not in (1, 2, 4):
         raise ValueError(f"kernels: expected shape (d, C, kh, kw) with d in (1, 2, 4), got {tuple(kernels.shape)}")
-
-
-def _check_input(x: Tensor, channels: int) -> None:
-    if x.ndim != 4 or x.shape[-1] != channels:
-        raise ValueError(f"x: expected shape (B, H, W, C) with C={channels}, got {tuple(x.shape)}")
 
 
 def fold_directions(kernels: Tensor) -> Tensor:
@@ -78,27 +73,6 @@ def fold_directions(kernels: Tensor) -> Tensor:
     return full
 
 
-def _fast_length(n: int) -> int:
-    """Smallest even 7-smooth integer >= n (sizes pocketfft handles fastest)."""
-    m = max(2, n + (n % 2))
-    while True:
-        r = m
-        for p in (2, 3, 5, 7):
-            while r % p == 0:
-                r //= p
-        if r == 1:
-            return m
-        m += 2
-
-
-def fft_shape(grid: tuple[int, int], kernel_size: tuple[int, int]) -> tuple[int, int]:
-    """FFT size for a linear (non-circular) convolution of an H x W grid with a centered kernel.
-
-    A centered kernel of radius kh-1 needs at least H + kh - 1 points (2H - 1 for kh = H).
-    """
-    return _fast_length(grid[0] + kernel_size[0] - 1), _fast_length(grid[1] + kernel_size[1] - 1)
-
-
 def choose_conv_method(
     grid: tuple[int, int], kernel_size: tuple[int, int], backward: bool = True
 ) -> Literal["fft", "direct"]:
@@ -108,113 +82,49 @@ def choose_conv_method(
     """
     m1, m2 = fft_shape(grid, kernel_size)
     direct = grid[0] * grid[1] * (2 * kernel_size[0] - 1) * (2 * kernel_size[1] - 1)
-    fft = m1 * m2 * math.log2(m1 * m2)
-    return "direct" if direct <= _DIRECT_COST_RATIO[bool(backward)] * fft else "fft"
+    ratio = direct / (m1 * m2 * math.log2(m1 * m2))
+    if not backward:
+        return "direct" if ratio <= _DIRECT_MAX_RATIO[False] else "fft"
+    small_grid = grid[0] * grid[1] <= _DIRECT_MAX_AREA and ratio <= _DIRECT_MAX_RATIO[True]
+    return "direct" if ratio <= _DIRECT_ANY_GRID_RATIO or small_grid else "fft"
 
 
-def kernel_spectrum(kernel: Tensor, shape: tuple[int, int]) -> Tensor:
-    """Spectrum of a centered kernel for `fft_conv2d`.
+class _DirectConv(torch.autograd.Function):
+    """Depthwise convolution by `F.conv2d` (channels-last), with a hand-written backward.
 
-    Args:
-        kernel: (C, 2kh-1, 2kw-1) centered, real.
-        shape: (M1, M2) from `fft_shape`.
-
-    Returns:
-        (C, M1, M2 // 2 + 1) complex, with the kernel center rolled to index (0, 0).
-    """
-    _, kh2, kw2 = kernel.shape
-    m1, m2 = shape
-    padded = F.pad(kernel, (0, m2 - kw2, 0, m1 - kh2))
-    circular = padded.roll((-(kh2 // 2), -(kw2 // 2)), dims=(-2, -1))
-    return torch.fft.rfft2(circular)
-
-
-def _forward_transform(x: Tensor, shape: tuple[int, int]) -> Tensor:
-    """(B, C, H, W) real -> (B, C, M1, M2//2+1): zero-padded rfft2, skipping the zero rows."""
-    return torch.fft.fft(torch.fft.rfft(x, n=shape[1], dim=-1), n=shape[0], dim=-2)
-
-
-def _inverse_transform(z: Tensor, grid: tuple[int, int], shape: tuple[int, int]) -> Tensor:
-    """(B, C, M1, M2//2+1) -> (B, C, H, W): irfft2 cropped, inverting only the kept rows."""
-    return torch.fft.irfft(torch.fft.ifft(z, dim=-2)[..., : grid[0], :], n=shape[1], dim=-1)[..., : grid[1]]
-
-
-def _channel_blocks(batch: int, channels: int, shape: tuple[int, int]) -> list[slice]:
-    """Channel slices whose spectra take about `_BLOCK_BYTES` each."""
-    per_channel = batch * shape[0] * (shape[1] // 2 + 1) * 8
-    step = max(1, _BLOCK_BYTES // per_channel)
-    return [slice(c, min(c + step, channels)) for c in range(0, channels, step)]
-
-
-class _SpectralConv(torch.autograd.Function):
-    """y = crop(irfft2(rfft2(pad(x)) * S)), a block of channels at a time, with a hand-written
-    backward.
-
-    Blocks keep every temporary small enough to be reused from the heap and to stay in
-    cache; whole-tensor transforms spend most of their time faulting in fresh pages. The
-    backward is the adjoint pipeline with conj(S) (a correlation), which costs what the
-    forward costs; autograd through rfft2 would instead run a full complex transform of a
-    zero-filled tensor.
+    The input gradient is the convolution's adjoint, itself a depthwise convolution. The
+    kernel gradient is a correlation of the upstream gradient with the input, summed over the
+    batch, done by FFT: the depthwise weight gradient of `F.conv2d` is 5-50x slower on CPU.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, spectrum: Tensor, shape: tuple[int, int]) -> Tensor:  # x: (B, H, W, C)
-        b, h, w, c = x.shape
-        out = torch.empty_like(x)
-        saved = []
-        for blk in _channel_blocks(b, c, shape):
-            xf = _forward_transform(x[..., blk].permute(0, 3, 1, 2).contiguous(), shape)  # (B, c, M1, M2//2+1)
-            if spectrum.requires_grad:
-                saved.append(xf)
-            out[..., blk] = _inverse_transform(xf * spectrum[blk], (h, w), shape).permute(0, 2, 3, 1)
-        ctx.shape = shape
-        ctx.save_for_backward(spectrum, *saved)
-        return out
+    def forward(ctx, x: Tensor, kernel: Tensor) -> Tensor:  # x: (B, H, W, C), kernel: (C, kh2, kw2)
+        c, kh2, kw2 = kernel.shape
+        weight = kernel.flip(-2, -1)[:, None]  # conv2d correlates: flip to convolve
+        y = F.conv2d(x.permute(0, 3, 1, 2), weight, padding=(kh2 // 2, kw2 // 2), groups=c)
+        ctx.save_for_backward(x, kernel)
+        return y.permute(0, 2, 3, 1)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        spectrum, *saved = ctx.saved_tensors
-        b, h, w, c = grad.shape
-        m1, m2 = ctx.shape
-        need_x, need_s = ctx.needs_input_grad[:2]
-        grad_x = torch.empty_like(grad) if need_x else None
-        grad_s = torch.empty_like(spectrum) if need_s else None
-        for i, blk in enumerate(_channel_blocks(b, c, ctx.shape)):
-            gf = _forward_transform(grad[..., blk].permute(0, 3, 1, 2).contiguous(), ctx.shape)
-            if need_x:
-                grad_x[..., blk] = _inverse_transform(gf * spectrum[blk].conj(), (h, w), ctx.shape).permute(0, 2, 3, 1)
-            if need_s:
-                # Gradient of the onesided irfft2: the adjoint transform scaled by 1/(M1 M2),
-                # with the columns that stand for two conjugate frequencies counted twice.
-                gf = gf / (m1 * m2)
-                gf[..., 1 : m2 - gf.shape[-1] + 1] *= 2
-                grad_s[blk] = (gf * saved[i].conj()).sum(0)
-        return grad_x, grad_s, None
-
-
-def fft_conv2d(x: Tensor, spectrum: Tensor, shape: tuple[int, int]) -> Tensor:
-    """Linear depthwise convolution by zero-padded FFT.
-
-    Runs in float32 for half-precision inputs (and under autocast) and returns x.dtype.
-
-    Args:
-        x: (B, H, W, C).
-        spectrum: (C, M1, M2 // 2 + 1) from `kernel_spectrum`.
-        shape: (M1, M2).
-
-    Returns:
-        (B, H, W, C).
-    """
-    _check_input(x, spectrum.shape[0])
-    work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    with torch.autocast(x.device.type, enabled=False):
-        y = _SpectralConv.apply(x.to(work), spectrum, shape)
-    return y.to(x.dtype)
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        x, kernel = ctx.saved_tensors
+        c, kh2, kw2 = kernel.shape
+        grad = grad.contiguous()  # channels-last once permuted: F.conv2d's fast layout here
+        grad_x = grad_k = None
+        if ctx.needs_input_grad[0]:
+            # The adjoint of convolving with k is correlating with k: conv2d with k unflipped.
+            gx = F.conv2d(grad.permute(0, 3, 1, 2), kernel[:, None], padding=(kh2 // 2, kw2 // 2), groups=c)
+            grad_x = gx.permute(0, 2, 3, 1)
+        if ctx.needs_input_grad[1]:
+            grad_k = correlate_sum(grad, x, (kh2, kw2))
+        return grad_x, grad_k
 
 
 def direct_conv2d(x: Tensor, kernel: Tensor) -> Tensor:
     """Linear depthwise convolution with a centered kernel, by `F.conv2d` (channels-last).
+
+    Runs in x.dtype, with autocast off; the kernel gradient is computed by FFT (`_DirectConv`).
 
     Args:
         x: (B, H, W, C).
@@ -223,11 +133,9 @@ def direct_conv2d(x: Tensor, kernel: Tensor) -> Tensor:
     Returns:
         (B, H, W, C).
     """
-    c, kh2, kw2 = kernel.shape
-    _check_input(x, c)
-    weight = kernel.flip(-2, -1)[:, None].to(x.dtype)  # conv2d correlates: flip to convolve
-    y = F.conv2d(x.permute(0, 3, 1, 2), weight, padding=(kh2 // 2, kw2 // 2), groups=c)
-    return y.permute(0, 2, 3, 1)
+    _check_input(x, kernel.shape[0])
+    with torch.autocast(x.device.type, enabled=False):
+        return _DirectConv.apply(x, kernel.to(x.dtype))
 
 
 def directional_conv2d(x: Tensor, kernels: Tensor, method: ConvMethod = "auto") -> Tensor:
