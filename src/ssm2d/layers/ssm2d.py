@@ -228,6 +228,11 @@ class SSM2D(nn.Module):
     def _prepared_kernel(self, grid: tuple[int, int], method: str) -> Tensor:
         """Folded kernel (direct) or its spectrum (fft); cached in eval mode.
 
+        For the direct path the skip omega * x is folded in as the kernel's center tap, which
+        saves a multiply and an add (and their backward) over the whole input and stays exact
+        (an identity layer returns x bit for bit). The FFT path adds the skip separately: its
+        round-off would blur that.
+
         The cache serves only where no autograd graph is needed. It is keyed on the grid, the
         method, and a copy of the parameter values, so that any update (optimizer step,
         load_state_dict, writes through `.data`, device or dtype moves) invalidates it.
@@ -240,6 +245,10 @@ class SSM2D(nn.Module):
                 return prepared
         ksize = self.kernel_grid(grid)
         full = fold_directions(self.kernels(ksize))  # (C, 2kh-1, 2kw-1)
+        if self.omega is not None and method == "direct":
+            center = torch.zeros_like(full[0])
+            center[ksize[0] - 1, ksize[1] - 1] = 1.0
+            full = full + self.omega.to(full.dtype)[:, None, None] * center  # (C, 2kh-1, 2kw-1)
         prepared = kernel_spectrum(full, fft_shape(grid, ksize)) if method == "fft" else full
         self._cache = ((grid, method, [p.detach().clone() for p in params]), prepared) if cacheable else None
         return prepared
@@ -256,6 +265,8 @@ class SSM2D(nn.Module):
         ksize = self.kernel_grid(grid)
         if not self.fast_path:
             y = directional_conv2d_ref(x, self.kernels(ksize).to(x.dtype))
+            if self.omega is not None:
+                y = y + x * self.omega.to(x.dtype)
         else:
             method = self.conv_method
             if method == "auto":
@@ -266,9 +277,12 @@ class SSM2D(nn.Module):
             if method not in ("fft", "direct"):
                 raise ValueError(f"conv_method: expected 'auto', 'fft' or 'direct', got {self.conv_method!r}")
             prepared = self._prepared_kernel(grid, method)
-            y = fft_conv2d(x, prepared, fft_shape(grid, ksize)) if method == "fft" else direct_conv2d(x, prepared)
-        if self.omega is not None:
-            y = y + x * self.omega.to(x.dtype)
+            if method == "direct":
+                y = direct_conv2d(x, prepared)  # skip included
+            else:
+                y = fft_conv2d(x, prepared, fft_shape(grid, ksize))
+                if self.omega is not None:
+                    y = y + x * self.omega.to(x.dtype)
         return self.norm(y)
 
     def extra_repr(self) -> str:
