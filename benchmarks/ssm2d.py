@@ -207,7 +207,9 @@ def markdown(payload: dict, command: str) -> str:
         "The layer costs less than this floor because it transforms a block of channels at a time, so that its "
         "temporaries stay in cache and in reused heap memory (whole-tensor transforms of this size spend most of "
         "their time faulting in fresh pages here), and because its backward is the adjoint FFT pipeline rather than "
-        "autograd through rfft2, whose backward is a full complex transform of a zero-filled tensor.",
+        "autograd through rfft2, whose backward is a full complex transform of a zero-filled tensor. Up to "
+        "20 x 20 (L = 8 and 14 here) the layer takes the direct path instead: a depthwise convolution forward, its "
+        "adjoint convolution, and an FFT correlation for the kernel gradient.",
         "",
         "Targets:",
         *target_lines(payload["targets"]),
