@@ -42,9 +42,10 @@ DIRECTION_FLIPS: tuple[tuple[int, ...], ...] = ((), (1, 2), (2,), (1,))
 #   direct wins for small truncated kernels on any grid (r <= 4: 0.55-0.9x the FFT path at
 #   32 x 32 and 56 x 56) and for whole-grid kernels up to 20 x 20 (0.7x at 16 x 16, 1.0x at
 #   20 x 20), but not for 7 x 7 truncations of 32 x 32 grids (r = 10: 1.2-1.8x).
-_DIRECT_MAX_RATIO = {False: 60.0, True: 36.0}  # keyed on "a backward follows"
-_DIRECT_ANY_GRID_RATIO = 4.0  # with a backward: direct on any grid below this r
-_DIRECT_MAX_AREA = 400  # with a backward: direct up to this H * W (and r <= 36)
+_DIRECT_MAX_RATIO_FORWARD = 60.0  # forward only: direct up to this r
+_DIRECT_ANY_GRID_RATIO = 4.0  # with a backward: direct on any grid up to this r
+_DIRECT_MAX_AREA = 400  # with a backward: direct up to this H * W ...
+_DIRECT_MAX_RATIO_SMALL_GRID = 36.0  # ... and this r
 
 
 def _check_kernels(kernels: Tensor) -> None:
@@ -84,8 +85,8 @@ def choose_conv_method(
     direct = grid[0] * grid[1] * (2 * kernel_size[0] - 1) * (2 * kernel_size[1] - 1)
     ratio = direct / (m1 * m2 * math.log2(m1 * m2))
     if not backward:
-        return "direct" if ratio <= _DIRECT_MAX_RATIO[False] else "fft"
-    small_grid = grid[0] * grid[1] <= _DIRECT_MAX_AREA and ratio <= _DIRECT_MAX_RATIO[True]
+        return "direct" if ratio <= _DIRECT_MAX_RATIO_FORWARD else "fft"
+    small_grid = grid[0] * grid[1] <= _DIRECT_MAX_AREA and ratio <= _DIRECT_MAX_RATIO_SMALL_GRID
     return "direct" if ratio <= _DIRECT_ANY_GRID_RATIO or small_grid else "fft"
 
 
@@ -144,7 +145,8 @@ def directional_conv2d(x: Tensor, kernels: Tensor, method: ConvMethod = "auto") 
     Args:
         x: (B, H, W, C).
         kernels: (d, C, kh, kw) causal kernels, d in (1, 2, 4).
-        method: "fft", "direct", or "auto" (`choose_conv_method`).
+        method: "fft", "direct", or "auto" (`choose_conv_method`, told whether autograd will
+            need a backward).
 
     Returns:
         (B, H, W, C).
@@ -153,7 +155,8 @@ def directional_conv2d(x: Tensor, kernels: Tensor, method: ConvMethod = "auto") 
     _check_input(x, kernels.shape[1])
     grid, ksize = (x.shape[1], x.shape[2]), (kernels.shape[2], kernels.shape[3])
     if method == "auto":
-        method = choose_conv_method(grid, ksize)
+        backward = torch.is_grad_enabled() and (x.requires_grad or kernels.requires_grad)
+        method = choose_conv_method(grid, ksize, backward=backward)
     full = fold_directions(kernels)
     if method == "fft":
         shape = fft_shape(grid, ksize)
