@@ -225,7 +225,7 @@ class SSM2D(nn.Module):
             return grid
         return (min(grid[0], self.kernel_size[0]), min(grid[1], self.kernel_size[1]))
 
-    def _prepared_kernel(self, grid: tuple[int, int], method: str) -> Tensor:
+    def _prepared_kernel(self, grid: tuple[int, int], method: str, params_need_grad: bool) -> Tensor:
         """Folded kernel (direct) or its spectrum (fft); cached in eval mode.
 
         For the direct path the skip omega * x is folded in as the kernel's center tap, which
@@ -233,12 +233,13 @@ class SSM2D(nn.Module):
         (an identity layer returns x bit for bit). The FFT path adds the skip separately: its
         round-off would blur that.
 
-        The cache serves only where no autograd graph is needed. It is keyed on the grid, the
-        method, and a copy of the parameter values, so that any update (optimizer step,
-        load_state_dict, writes through `.data`, device or dtype moves) invalidates it.
+        The cache serves only in eval mode where no autograd graph through the parameters is
+        needed (`params_need_grad` False). It is keyed on the grid, the method, and a copy of the
+        parameter values, so that any update (optimizer step, load_state_dict, writes through
+        `.data`, device or dtype moves) invalidates it.
         """
         params = self._ssm_parameters()
-        cacheable = not self.training and not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+        cacheable = not self.training and not params_need_grad
         if cacheable and self._cache is not None:
             (cached_grid, cached_method, values), prepared = self._cache
             if (cached_grid, cached_method) == (grid, method) and _same_values(values, params):
@@ -263,26 +264,21 @@ class SSM2D(nn.Module):
             raise ValueError(f"x: expected shape (B, H, W, C) with C={self.dim}, got {tuple(x.shape)}")
         grid = (x.shape[1], x.shape[2])
         ksize = self.kernel_grid(grid)
-        if not self.fast_path:
+        params_need_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self._ssm_parameters())
+        if self.fast_path and self.conv_method not in ("auto", "fft", "direct"):
+            raise ValueError(f"conv_method: expected 'auto', 'fft' or 'direct', got {self.conv_method!r}")
+        method = self.conv_method if self.fast_path else "ref"
+        if method == "auto":
+            backward = params_need_grad or (torch.is_grad_enabled() and x.requires_grad)
+            method = choose_conv_method(grid, ksize, backward=backward)
+        if method == "ref":
             y = directional_conv2d_ref(x, self.kernels(ksize).to(x.dtype))
-            if self.omega is not None:
-                y = y + x * self.omega.to(x.dtype)
+        elif method == "direct":
+            y = direct_conv2d(x, self._prepared_kernel(grid, method, params_need_grad))  # skip included
         else:
-            method = self.conv_method
-            if method == "auto":
-                backward = torch.is_grad_enabled() and (
-                    x.requires_grad or any(p.requires_grad for p in self._ssm_parameters())
-                )
-                method = choose_conv_method(grid, ksize, backward=backward)
-            if method not in ("fft", "direct"):
-                raise ValueError(f"conv_method: expected 'auto', 'fft' or 'direct', got {self.conv_method!r}")
-            prepared = self._prepared_kernel(grid, method)
-            if method == "direct":
-                y = direct_conv2d(x, prepared)  # skip included
-            else:
-                y = fft_conv2d(x, prepared, fft_shape(grid, ksize))
-                if self.omega is not None:
-                    y = y + x * self.omega.to(x.dtype)
+            y = fft_conv2d(x, self._prepared_kernel(grid, method, params_need_grad), fft_shape(grid, ksize))
+        if self.omega is not None and method != "direct":
+            y = y + x * self.omega.to(x.dtype)
         return self.norm(y)
 
     def extra_repr(self) -> str:
