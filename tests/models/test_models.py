@@ -33,12 +33,13 @@ def default_input(model: nn.Module, batch: int = BATCH) -> torch.Tensor:
 def second_size(model: nn.Module) -> tuple[int, int]:
     """A non-square size other than the default that the model accepts: (H + P, W + 2P).
 
-    P is the patch size for ViT and Swin (token grids need whole patches; Swin pads windows
-    and odd stage maps itself) and 3 for ConvNeXt (any size; odd grids at every stage).
+    P is the patch size for patch-embedding models (token grids need whole patches; Swin pads
+    windows and odd stage maps itself) and 3 for ConvNeXt (any size; odd grids at every stage).
     """
     _, h, w = model.pretrained_cfg["input_size"]
-    if isinstance(model, (VisionTransformer, SwinTransformer)):
-        ph, pw = model.patch_embed.patch_size
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None and not isinstance(model, ConvNeXt):
+        ph, pw = patch_embed.patch_size
     else:
         ph = pw = 3
     return h + ph, w + 2 * pw
@@ -74,9 +75,14 @@ def expected_grids(model: nn.Module, size: tuple[int, int]) -> list[tuple[int, i
     return grids
 
 
+def ssm2d_layers(model: nn.Module) -> list[SSM2D]:
+    """The 2-D SSM layers among the spatial layers (the ones with an eval-mode kernel cache)."""
+    return [layer for layer in spatial_layers(model) if isinstance(layer, SSM2D)]
+
+
 def cached_grids(model: nn.Module) -> list[tuple[int, int] | None]:
     """The grid of each SSM2D's eval-mode kernel cache (None where it is empty)."""
-    return [layer._cache[0][0] if layer._cache is not None else None for layer in spatial_layers(model)]
+    return [layer._cache[0][0] if layer._cache is not None else None for layer in ssm2d_layers(model)]
 
 
 def fresh_copy(model: nn.Module) -> nn.Module:
@@ -138,10 +144,11 @@ def test_train_forward_and_gradients(name):
     model = ssm2d.create_model(name, drop_path_rate=0.0).train()
     cfg = model.pretrained_cfg
     assert model.num_classes == cfg["num_classes"], f"num_classes {model.num_classes} != cfg {cfg['num_classes']}"
-    has_layers = "_ssm2d" in name
     layers = spatial_layers(model)
-    assert bool(layers) == has_layers, f"{name}: {len(layers)} spatial layers"
-    assert all(isinstance(layer, SSM2D) for layer in layers)
+    if "_ssm2d" in name:
+        assert layers and all(isinstance(layer, SSM2D) for layer in layers), f"{name}: {layers}"
+    else:
+        assert not ssm2d_layers(model), f"{name}: has 2-D SSM layers without _ssm2d in its name"
     x = default_input(model)
     y = model(x)
     assert y.shape == (BATCH, cfg["num_classes"]), f"output shape {tuple(y.shape)}"
@@ -159,7 +166,7 @@ def test_eval_cache_and_state_dict_round_trip(name):
     with torch.no_grad():
         y1 = model(x)
         assert all(g is not None for g in cached_grids(model)), "eval + no_grad forward did not cache kernels"
-        if spatial_layers(model):
+        if ssm2d_layers(model):
             assert cached_grids(model) == expected_grids(model, x.shape[-2:]), f"cached grids {cached_grids(model)}"
         y2 = model(x)  # from the cached kernels
         y_fresh = fresh_copy(model)(x)
@@ -195,7 +202,7 @@ def test_second_resolution(name):
         y2_fresh = fresh_copy(model)(x2)
     assert y2.shape == (BATCH, model.num_classes), f"at {size}: output shape {tuple(y2.shape)}"
     assert torch.isfinite(y2).all(), f"at {size}: non-finite logits"
-    if spatial_layers(model):
+    if ssm2d_layers(model):
         expected = expected_grids(model, size)
         assert grids2 == expected, f"at {size}: kernels cached for grids {grids2}, expected {expected}"
         assert grids1 == expected_grids(model, x1.shape[-2:])
