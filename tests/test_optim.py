@@ -71,3 +71,14 @@ def test_tags_survive_copies(copy_fn):
     for name, p in model[1].named_parameters():
         assert decay[id(p)] == 0.0, f"{name} after {copy_fn}"
     assert decay[id(model[0].weight)] == 0.05
+
+
+def test_param_groups_honour_no_weight_decay():
+    """timm's `no_weight_decay()` names (position embedding, class token) get no decay."""
+    model = ssm2d.create_model("vit_mini_28_ssm2d")
+    assert {"pos_embed", "cls_token"} <= set(model.no_weight_decay())
+    decay = _group_of(ssm2d.param_groups(model, weight_decay=0.05))
+    assert model.pos_embed.ndim == 3 and decay[id(model.pos_embed)] == 0.0
+    assert decay[id(model.cls_token)] == 0.0
+    assert decay[id(model.patch_embed.proj.weight)] == 0.05
+    assert decay[id(model.blocks[0].attn.qkv.weight)] == 0.05

@@ -14,16 +14,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
     A parameter tagged with `_optim` (for example the SSM coefficients, tagged
     ``{"weight_decay": 0.0}``) goes to a group with those settings. Untagged parameters with
-    at most one dimension (biases, norms) get no weight decay, as in timm; the rest get
-    `weight_decay`.
+    at most one dimension (biases, norms), and those the model names in its timm-style
+    `no_weight_decay()` (position embeddings, class tokens), get no weight decay, as in timm;
+    the rest get `weight_decay`.
     """
+    no_decay_fn = getattr(model, "no_weight_decay", None)
+    no_decay = set(no_decay_fn()) if callable(no_decay_fn) else set()
     groups: dict[tuple, dict[str, Any]] = {}
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         settings = getattr(p, "_optim", None)
         if settings is None:
-            settings = {"weight_decay": 0.0 if p.ndim <= 1 else weight_decay}
+            skip = p.ndim <= 1 or name in no_decay
+            settings = {"weight_decay": 0.0 if skip else weight_decay}
         key = tuple(sorted(settings.items()))
         groups.setdefault(key, {"params": [], **settings})["params"].append(p)
     return list(groups.values())

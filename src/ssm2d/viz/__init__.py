@@ -1,5 +1,5 @@
 """Pictures of what the spatial layers learn."""
 
-from .kernels import layer_kernel_panels, save_kernel_heatmaps
+from .kernels import layer_kernel_panels, model_kernel_panels, save_kernel_heatmaps
 
-__all__ = ["layer_kernel_panels", "save_kernel_heatmaps"]
+__all__ = ["layer_kernel_panels", "model_kernel_panels", "save_kernel_heatmaps"]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
@@ -13,7 +14,7 @@ from torch import Tensor
 from ..layers import SSM2D
 from ..ops import DIRECTION_FLIPS, fold_directions
 
-__all__ = ["layer_kernel_panels", "save_kernel_heatmaps"]
+__all__ = ["layer_kernel_panels", "model_kernel_panels", "save_kernel_heatmaps"]
 
 DIRECTION_NAMES = ("top-left", "bottom-right", "top-right", "bottom-left")
 
@@ -35,6 +36,38 @@ def layer_kernel_panels(layer: SSM2D, grid: tuple[int, int]) -> dict[str, Tensor
         panels[f"from {name}"] = k.flip([axis - 3 for axis in (1, 2) if axis not in flips])
     panels["folded"] = fold_directions(kernels).flip(-2, -1)  # now entry (H-1+p, W-1+q) weighs x(i+p, j+q)
     return panels
+
+
+@torch.no_grad()
+def model_kernel_panels(model: nn.Module, input_size: Sequence[int]) -> dict[str, dict[str, Tensor]]:
+    """`layer_kernel_panels` of every `SSM2D` in `model`, on the grid each sees at `input_size`.
+
+    Args:
+        model: any model holding `SSM2D` modules (registered or retrofitted).
+        input_size: (C, H, W) of one input image; one forward of zeros records the grids.
+
+    Returns:
+        Module name -> panels, in module order.
+    """
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, SSM2D)}
+    if not layers:
+        raise ValueError(f"model: {type(model).__name__} has no 2-D SSM layers, so it has no 2-D kernels to draw")
+    grids: dict[str, tuple[int, int]] = {}
+
+    def record(name: str) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
+        def hook(_: nn.Module, args: tuple[Tensor, ...]) -> None:
+            grids.setdefault(name, (args[0].shape[1], args[0].shape[2]))  # x is (B, H, W, C)
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(name)) for name, m in layers.items()]
+    try:
+        param = next(model.parameters())
+        model.eval()(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: layer_kernel_panels(layer, grids[name]) for name, layer in layers.items() if name in grids}
 
 
 def save_kernel_heatmaps(
