@@ -19,7 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import ssm2d
 from ssm2d import SSM2D
-from ssm2d.layers import SpatialOnTokens
+from ssm2d.layers import SpatialOnTokens, SpatialPrior
 from ssm2d.models import spatial_layers
 
 NAMES = ssm2d.list_models()
@@ -99,13 +99,20 @@ def dead_parameters(model: nn.Module) -> set[str]:
     gradient is exactly zero (checked below, and `test_mix_ffn_last_block_live_with_avg_pool`
     shows the same layer is live once the patch tokens are pooled). Nothing else is exempt.
     """
+    # SP-SA's prior starts with w2 = 0 (spec section 4.1), so its first layer gets exactly zero gradient.
+    dead = {
+        f"{name}.fc1.{p}"
+        for name, m in model.named_modules()
+        if isinstance(m, SpatialPrior) and not m.w2.any()
+        for p in ("weight", "bias")
+    }
     if not isinstance(model, VisionTransformer) or model.global_pool != "token":
-        return set()
+        return dead
     fc1 = model.blocks[-1].mlp.fc1
     if not isinstance(fc1, SpatialOnTokens):
-        return set()
+        return dead
     index = len(model.blocks) - 1
-    return {f"blocks.{index}.mlp.fc1.spatial.{n}" for n, _ in fc1.spatial.named_parameters()}
+    return dead | {f"blocks.{index}.mlp.fc1.spatial.{n}" for n, _ in fc1.spatial.named_parameters()}
 
 
 def assert_gradients(model: nn.Module, what: str) -> None:

@@ -3,6 +3,9 @@
 Suffixes: `_ssm2d` puts the layer before each attention ("pre-attention", the paper's default),
 `_ssm2d_ffn` inside each MLP ("mix-ffn"), and `_nope` drops the positional embedding (the
 paper's "no positional encoding" ablation). All take any input size (`dynamic_img_size`).
+The comparators go in the same pre-attention place of the same backbone, so that all five
+spatial layers are compared under one recipe: `_s4nd` (S4ND), `_v2m` (V2M), `_vim` (Vim's
+bidirectional scan over the row-major grid) and `_spsa` (SP-ViT's spatial-prior attention).
 
 - `vit_sd_32`: the small-data ViT of Lee et al. 2021 for 32 x 32 input (CIFAR): patch 4, dim 192,
   depth 9, 12 heads, MLP ratio 2. `vit_sd_64`: the same at 64 x 64 with patch 8 (Tiny-ImageNet).
@@ -18,23 +21,28 @@ from typing import Any
 from timm.models import generate_default_cfgs
 from timm.models.vision_transformer import VisionTransformer
 
-from ..layers import SSM2D
+from ..layers import S4ND, SSM2D, V2M, SPAttention
 from .builder import build, cfg
 from .registry import register_variants
+from .retrofit import SpatialLayer
 
 __all__: list[str] = []  # entrypoints are reached through the registry
 
 # Base name -> (architecture, data config, variants).
 _SD_32 = dict(img_size=32, patch_size=4, embed_dim=192, depth=9, num_heads=12, mlp_ratio=2.0)
 _DEIT_TINY = dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3)
+# Variant suffix -> the spatial layer it inserts (pre-attention, or mix-ffn with `_ffn`).
+_MIXERS: dict[str, SpatialLayer] = {"_ssm2d": SSM2D, "_s4nd": S4ND, "_v2m": V2M, "_spsa": SPAttention}
 _ALL = ("", "_nope", "_ssm2d", "_ssm2d_nope", "_ssm2d_ffn", "_ssm2d_ffn_nope")
+_COMPARATORS = tuple(k for k in _MIXERS if k != "_ssm2d")
 _ARCHS: dict[str, tuple[dict[str, Any], str, tuple[str, ...]]] = {
-    "vit_sd_32": (_SD_32, "cifar100", _ALL),
+    "vit_sd_32": (_SD_32, "cifar100", _ALL + _COMPARATORS),
     "vit_sd_64": (dict(_SD_32, img_size=64, patch_size=8), "tiny_imagenet", _ALL),
     "deit_tiny_224": (_DEIT_TINY, "imagenet", ("", "_ssm2d")),
     "deit_small_224": (dict(_DEIT_TINY, embed_dim=384, num_heads=6), "imagenet", ("", "_ssm2d")),
     "vit_mini_28": (
-        dict(img_size=28, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0), "fashion_mnist", _ALL,
+        dict(img_size=28, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0), "fashion_mnist",
+        _ALL + _COMPARATORS,
     ),
 }  # fmt: skip
 _NAMES = {base + suffix: base for base, (_, _, suffixes) in _ARCHS.items() for suffix in suffixes}
@@ -44,9 +52,11 @@ default_cfgs = generate_default_cfgs({name: cfg(_ARCHS[base][1], "patch_embed.pr
 
 def _create(variant: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
     """Build `variant`: its base name gives the architecture, its suffixes the placement."""
-    arch = _ARCHS[_NAMES[variant]][0]
-    layer = SSM2D if "_ssm2d" in variant else None
-    placement = "mix-ffn" if "_ssm2d_ffn" in variant else "pre-attention"
+    base = _NAMES[variant]
+    arch = _ARCHS[base][0]
+    suffix = variant[len(base) :]
+    layer = next((cls for key, cls in _MIXERS.items() if suffix.startswith(key)), None)
+    placement = "mix-ffn" if "_ffn" in suffix else "pre-attention"
     args = dict(arch, pos_embed="none" if variant.endswith("_nope") else "learn", dynamic_img_size=True)
     return build(VisionTransformer, variant, pretrained, layer=layer, placement=placement, **dict(args, **kwargs))
 

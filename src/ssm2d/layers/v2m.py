@@ -1,0 +1,248 @@
+"""V2M: the 2-D selective SSM of Wang et al. (arXiv 2410.10382), over four corner orientations.
+
+Glossary: B batch, H x W grid, C = dim channels, E = expand * C inner channels, N state size,
+R = dt_rank, S sequences (a batch of 1-D scans).
+
+The 2-D state recurrence is decomposed into two Mamba-1 selective scans (spec section 3.1): for
+each corner, pass 1 scans every row (along W) and pass 2 scans every column (along H) of the
+gated pass-1 output. Each pass is one Mamba "inner" op::
+
+    u~ = silu(causal_depthwise_conv1d_k4(u))              along the scan axis
+    [dt, B, C] = x_proj(u~);  delta = softplus(dt_proj(dt))
+    y = (selective_scan(u~, delta, A, B, C) + D u~) * silu(z)
+
+With the released choice (spec 3.1) pass 1 learns B and holds C at 1 (the state is summed), and
+pass 2 holds B at 1 and learns C. The four corners (top-left, top-right, bottom-left,
+bottom-right) are the same op on the grid flipped along nothing, W, H or both; their outputs are
+flipped back and averaged before out_proj, so the output at a cell depends on all four of its
+quadrants. All corners share every weight, as in the released code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from ..ops.selective_scan import selective_scan, selective_scan_ref
+from .mamba_init import init_dt_proj, s4d_real_a_log
+
+__all__ = ["V2M"]
+
+NO_WEIGHT_DECAY = {"weight_decay": 0.0}
+
+# An orientation: (grid dims to flip, transpose the grid first). Dims of a (B, H, W, E) grid.
+Orientation = tuple[tuple[int, ...], bool]
+# Faithful (spec 3.1): the four corners TL, TR, BL, BR, each rows (W) first, then columns (H).
+CORNERS: tuple[Orientation, ...] = (((), False), ((2,), False), ((1,), False), ((1, 2), False))
+# Released code (spec 3.1, appendix): fh = TL rows first, fv = TL columns first, bh = TR rows
+# first, bv = BL columns first; no bottom-right corner.
+RELEASED: tuple[Orientation, ...] = (((), False), ((), True), ((2,), False), ((1,), True))
+# Where the released code sums each branch (appendix trace): the aligned map flipped along these
+# dims, then transposed. fh, fv at (a, b) hold token (b, a); bh token (P-1-b, a); bv (b, P-1-a).
+RELEASED_PLACEMENT: tuple[tuple[int, ...], ...] = ((), (), (1,), (2,))
+
+
+def _orient(t: Tensor, orientation: Orientation) -> Tensor:
+    """(B, H, W, E) grid -> the grid as the orientation scans it (flipped, maybe transposed)."""
+    flips, transpose = orientation
+    t = t.flip(flips) if flips else t
+    return t.transpose(1, 2) if transpose else t
+
+
+def _unorient(t: Tensor, orientation: Orientation) -> Tensor:
+    """Inverse of `_orient`: back to the input's alignment."""
+    flips, transpose = orientation
+    t = t.transpose(1, 2) if transpose else t
+    return t.flip(flips) if flips else t
+
+
+class _ScanPass(nn.Module):
+    """One Mamba inner op along the last axis: conv, SiLU, x_proj, selective scan, D skip, gate.
+
+    Args:
+        inner: channels E.
+        state_dim: N.
+        dt_rank: R, width of the low-rank step-size projection.
+        conv_size: kernel of the causal depthwise convolution.
+        learned: which of B and C come from the input ("B", "C" or "BC"); the other is held at 1.
+    """
+
+    def __init__(self, inner: int, state_dim: int, dt_rank: int, conv_size: int, learned: str) -> None:
+        super().__init__()
+        self.state_dim, self.dt_rank, self.learned = state_dim, dt_rank, learned
+        self.conv1d = nn.Conv1d(inner, inner, conv_size, groups=inner, padding=conv_size - 1)
+        self.x_proj = nn.Linear(inner, dt_rank + len(learned) * state_dim, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(inner, state_dim))
+        self.D = nn.Parameter(torch.empty(inner))
+        self._tag_parameters()
+
+    def _tag_parameters(self) -> None:
+        for p in (self.A_log, self.D, self.dt_proj.bias):
+            p._optim = NO_WEIGHT_DECAY  # Mamba (spec 2.1): A, D and the dt bias skip weight decay
+
+    def __setstate__(self, state: dict) -> None:
+        # copy.deepcopy builds new Parameters without their attributes: tag them again.
+        super().__setstate__(state)
+        self._tag_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Mamba defaults (spec 2.1): PyTorch's conv and x_proj init, dt from logU[1e-3, 0.1],
+        S4D-Real A = -(1..N), D = 1."""
+        self.conv1d.reset_parameters()
+        self.x_proj.reset_parameters()
+        init_dt_proj(self.dt_proj, self.dt_rank)
+        self.A_log.copy_(s4d_real_a_log(*self.A_log.shape))
+        self.D.fill_(1.0)
+
+    def forward(self, u: Tensor, z: Tensor, scan: Callable[..., Tensor]) -> Tensor:
+        """u, z: (S, E, L) -> (S, E, L)."""
+        s, _, length = u.shape
+        u = F.silu(self.conv1d(u)[..., :length])  # (S, E, L), causal: the first L outputs
+        dbl = self.x_proj(rearrange(u, "s e l -> s l e"))  # (S, L, R + N) or (S, L, R + 2N)
+        dt, *bc = dbl.split([self.dt_rank] + [self.state_dim] * len(self.learned), dim=-1)
+        delta = rearrange(F.linear(dt, self.dt_proj.weight), "s l e -> s e l")  # bias added in the scan
+        ones = u.new_ones(()).expand(s, self.state_dim, length)  # the projection held at 1
+        learned = dict(zip(self.learned, (rearrange(t, "s l n -> s n l") for t in bc)))
+        b, c = learned.get("B", ones), learned.get("C", ones)  # (S, N, L) each
+        A = -torch.exp(self.A_log)  # (E, N)
+        return scan(u, delta, A, b, c, D=self.D, z=z, delta_bias=self.dt_proj.bias, delta_softplus=True)
+
+    def extra_repr(self) -> str:
+        return f"learned={self.learned!r}"
+
+
+class V2M(nn.Module):
+    """V2M spatial mixer: four-corner 2-D selective SSM (Wang et al.; spec section 3.1).
+
+    Input and output are (B, H, W, C), any H x W. in_proj (no bias) gives the signal x and the
+    gate z, each E = expand * C wide; for every corner the grid is flipped, scanned along rows
+    (pass 1) and then along columns (pass 2), both gated by silu(z), and flipped back; out_proj
+    (no bias) maps the average over the corners back to C. The two passes have their own conv,
+    x_proj, dt_proj, A and D, shared by all corners.
+
+    Args:
+        dim: channels C.
+        state_dim: states N per channel.
+        expand: E = expand * dim.
+        dt_rank: rank of the step-size projection; None gives ceil(dim / 16) (Mamba).
+        conv_size: kernel of the causal depthwise convolutions along the scan axis.
+        full_bc: False (default, released code, spec 3.1 and 5.4): pass 1 learns B and holds C
+            at 1, pass 2 holds B at 1 and learns C (x_proj: E -> R + N). True: both passes
+            learn B and C (x_proj: E -> R + 2N), a full selective SSM per pass.
+        official_layout: reproduce the released code's layout instead (square grids only,
+            spec 3.1 "Index-tracing finding"): branches TL rows-first, TL columns-first, TR and
+            BL, no bottom-right corner, summed at transposed or rotated positions and halved.
+        skip: add the input to the output (y = x + V2M(x)), for placements without a residual
+            around the layer; required by `reset_to_identity`.
+
+    Attributes:
+        fast_path: the chunked selective scan when True (default); `selective_scan_ref` (the
+            sequential recurrence) when False.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        state_dim: int = 16,
+        expand: int = 2,
+        dt_rank: int | None = None,
+        conv_size: int = 4,
+        full_bc: bool = False,
+        official_layout: bool = False,
+        skip: bool = False,
+    ) -> None:
+        super().__init__()
+        dt_rank = math.ceil(dim / 16) if dt_rank is None and isinstance(dim, int) else dt_rank
+        for name, value in (
+            ("dim", dim), ("state_dim", state_dim), ("expand", expand), ("dt_rank", dt_rank), ("conv_size", conv_size)
+        ):  # fmt: skip
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+        self.dim, self.state_dim, self.expand, self.dt_rank = dim, state_dim, expand, dt_rank
+        self.conv_size, self.full_bc, self.official_layout, self.skip = conv_size, full_bc, official_layout, skip
+        self.fast_path = True
+        inner = expand * dim
+        self.in_proj = nn.Linear(dim, 2 * inner, bias=False)
+        self.pass1 = _ScanPass(inner, state_dim, dt_rank, conv_size, "BC" if full_bc else "B")
+        self.pass2 = _ScanPass(inner, state_dim, dt_rank, conv_size, "BC" if full_bc else "C")
+        self.out_proj = nn.Linear(inner, dim, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Mamba defaults (spec 2.1): PyTorch's Linear init for in_proj and out_proj (a model
+        rescales out_proj by 1/sqrt(depth)), and each pass's own reset."""
+        self.in_proj.reset_parameters()
+        self.pass1.reset_parameters()
+        self.pass2.reset_parameters()
+        self.out_proj.reset_parameters()
+
+    @torch.no_grad()
+    def reset_to_identity(self) -> None:
+        """Make the layer the identity map: out_proj = 0, so y = x + 0 (needs skip=True).
+
+        Used to insert layers into a trained model without changing its outputs; fine-tuning
+        moves out_proj away from zero, and the gradients then reach the rest of the layer.
+        """
+        if not self.skip:
+            raise ValueError(
+                "reset_to_identity: expected skip=True (without it the layer's output is out_proj(...), which "
+                "cannot be the identity), got skip=False; build it as functools.partial(V2M, skip=True)"
+            )
+        self.out_proj.weight.zero_()
+
+    @property
+    def orientations(self) -> tuple[Orientation, ...]:
+        """(flip dims, transposed) of each branch, in the order of `orientation_outputs`."""
+        return RELEASED if self.official_layout else CORNERS
+
+    def orientation_outputs(self, x: Tensor) -> Tensor:
+        """Each branch's gated pass-2 output, placed where it is merged: (4, B, H, W, E).
+
+        Faithful layout: the corners TL, TR, BL, BR, each aligned with the input, so that
+        branch k at a cell depends only on the cell's quadrant k. Official layout: the released
+        branches fh, fv, bh, bv at the positions where the released code sums them.
+        """
+        if x.ndim != 4 or x.shape[-1] != self.dim:
+            raise ValueError(f"x: expected (B, H, W, {self.dim}), got {tuple(x.shape)}")
+        if self.official_layout and x.shape[1] != x.shape[2]:
+            raise ValueError(f"x: official_layout=True expects a square grid, got H x W = {x.shape[1]} x {x.shape[2]}")
+        scan = selective_scan if self.fast_path else selective_scan_ref
+        orientations = self.orientations
+        xz = self.in_proj(x)  # (B, H, W, 2E)
+        xz = torch.cat([_orient(xz, o) for o in orientations])  # (4B, H', W', 2E), scan frame
+        rows = xz.shape[1]
+        u, z = rearrange(xz, "b h w e -> (b h) e w").chunk(2, dim=1)  # (4B H', E, W') each
+        u = self.pass1(u, z, scan)  # along rows
+        # Pass 2 scans the columns of the gated pass-1 output, gated by the same z.
+        u, z = rearrange(torch.cat([u, z], dim=1), "(b h) e w -> (b w) e h", h=rows).chunk(2, dim=1)
+        y = self.pass2(u, z, scan)  # (4B W', E, H'), along columns
+        y = rearrange(y, "(o b w) e h -> o b h w e", o=len(orientations), h=rows, w=xz.shape[2])
+        y = [_unorient(branch, o) for branch, o in zip(y, orientations)]  # aligned with the input
+        if self.official_layout:
+            y = [(t.flip(dims) if dims else t).transpose(1, 2) for t, dims in zip(y, RELEASED_PLACEMENT)]
+        return torch.stack(y)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, H, W, C) -> (B, H, W, C)."""
+        branches = self.orientation_outputs(x)  # (4, B, H, W, E)
+        # Faithful: the average over corners (spec 3.1). Released code: (sum of 4) / 2.
+        merged = branches.sum(0) / 2 if self.official_layout else branches.mean(0)
+        y = self.out_proj(merged)
+        return x + y if self.skip else y
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, state_dim={self.state_dim}, expand={self.expand}, dt_rank={self.dt_rank}, "
+            f"conv_size={self.conv_size}, full_bc={self.full_bc}, official_layout={self.official_layout}, "
+            f"skip={self.skip}, fast_path={self.fast_path}"
+        )

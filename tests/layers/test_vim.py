@@ -1,0 +1,227 @@
+"""Vim's bidirectional mixer (spec section 2.1): fast vs ref path, both directions live and wired
+the right way round, the div2 merge, the grid adapter in a timm ViT, init, errors."""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close, grads, rel_fro
+from timm.models.vision_transformer import VisionTransformer
+
+import ssm2d
+from ssm2d.layers import VimMixer, VimMixer2d
+from ssm2d.models import add_spatial_layers, spatial_layers
+from ssm2d.ops import causal_conv1d_ref, selective_scan_ref
+
+F64 = torch.float64
+BACKWARD_PARAMS = ("conv1d_b.weight", "conv1d_b.bias", "x_proj_b.weight", "dt_proj_b.weight", "dt_proj_b.bias",
+                   "A_b_log", "D_b")  # fmt: skip
+
+
+def make_mixer(dim=8, state_dim=3, dtype=F64, cls=VimMixer, **kwargs) -> VimMixer:
+    return cls(dim, state_dim=state_dim, **kwargs).to(dtype)
+
+
+def randomize(mixer: VimMixer) -> VimMixer:
+    """Perturb every parameter so that no init symmetry (D = 1, equal A rows) hides a bug."""
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return mixer
+
+
+def oracle(mixer: VimMixer, x: torch.Tensor) -> torch.Tensor:
+    """The mixer written out from spec 2.1 with the reference ops, each direction by hand."""
+    xz = x @ mixer.in_proj.weight.t()  # (B, L, 2E)
+    u, z = xz.mT.chunk(2, dim=1)
+    outs = []
+    for suffix, flip in (("", False), ("_b", True)):
+        conv, x_proj = getattr(mixer, f"conv1d{suffix}"), getattr(mixer, f"x_proj{suffix}")
+        dt_proj = getattr(mixer, f"dt_proj{suffix}")
+        a_log, d = getattr(mixer, f"A{suffix}_log"), getattr(mixer, f"D{suffix}")
+        uu, zz = (u.flip(-1), z.flip(-1)) if flip else (u, z)
+        uu = causal_conv1d_ref(uu, conv.weight[:, 0], conv.bias, "silu")
+        dt, b, c = (uu.mT @ x_proj.weight.t()).split([mixer.dt_rank, mixer.state_dim, mixer.state_dim], -1)
+        delta = F.softplus(dt @ dt_proj.weight.t() + dt_proj.bias).mT
+        y = selective_scan_ref(uu, delta, -torch.exp(a_log), b.mT, c.mT, d, zz)
+        outs.append(y.flip(-1) if flip else y)
+    return ((outs[0] + outs[1]) / 2).mT @ mixer.out_proj.weight.t()
+
+
+# ---------------------------------------------------------------------------------------------
+# Output against the oracle, fast against ref
+
+
+@pytest.mark.parametrize("length", [1, 6, 17])
+def test_matches_the_written_out_oracle(length):
+    mixer = randomize(make_mixer())
+    x = torch.randn(2, length, 8, dtype=F64)
+    assert_close(mixer(x), oracle(mixer, x), F64, "mixer vs oracle")
+
+
+@pytest.mark.parametrize("length", [1, 7, 30])
+def test_fast_float32_matches_ref_float64(length):
+    fast = randomize(make_mixer(dtype=torch.float32))
+    ref = copy.deepcopy(fast).to(F64)
+    ref.fast_path = False
+    x = torch.randn(3, length, 8)
+    x64 = x.to(F64).requires_grad_()
+    x.requires_grad_()
+    y_fast, y_ref = fast(x), ref(x64)
+    assert_close(y_fast, y_ref, torch.float32, "output")
+    upstream = torch.randn_like(y_ref)
+    names = [n for n, _ in fast.named_parameters()]
+    g_fast = grads(y_fast, [x, *fast.parameters()], upstream.float())
+    g_ref = grads(y_ref, [x64, *ref.parameters()], upstream)
+    for name, a, b in zip(["x", *names], g_fast, g_ref):
+        if name != "A_log" and name != "A_b_log" or length > 1:  # one step: A never acts
+            assert b.abs().max().item() > 0, f"d/d{name} is zero"
+        assert_close(a, b, torch.float32, f"d/d{name}")
+
+
+def test_fast_path_flag_switches_the_ops(monkeypatch):
+    mixer = make_mixer()
+    calls = []
+    import ssm2d.layers.vim as vim_module
+
+    for name in ("selective_scan_ref", "causal_conv1d_ref"):
+        original = getattr(vim_module, name)
+        monkeypatch.setattr(vim_module, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    x = torch.randn(1, 5, 8, dtype=F64)
+    mixer(x)
+    assert calls == []
+    mixer.fast_path = False
+    mixer(x)
+    assert sorted(calls) == ["causal_conv1d_ref"] * 2 + ["selective_scan_ref"] * 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Both directions are live (the released slow path silently dropped the backward one)
+
+
+def test_first_token_depends_on_the_last_token():
+    mixer = make_mixer()
+    x = torch.randn(1, 9, 8, dtype=F64, requires_grad=True)
+    (g,) = torch.autograd.grad(mixer(x)[:, 0].sum(), x)
+    assert g[:, -1].abs().max().item() > 1e-6, "the first output does not see the last token"
+    # The forward direction alone is causal: its first output ignores every later token.
+    u, z = mixer.in_proj(x).mT.chunk(2, dim=1)
+    (g_forward,) = torch.autograd.grad(mixer._scan(u, z, "forward")[..., 0].sum(), x)
+    assert not g_forward[:, 1:].any()
+
+
+@pytest.mark.parametrize("name", BACKWARD_PARAMS)
+def test_every_backward_parameter_changes_the_output(name):
+    mixer = randomize(make_mixer())
+    x = torch.randn(2, 7, 8, dtype=F64)
+    y = mixer(x)
+    with torch.no_grad():
+        p = mixer.get_parameter(name)
+        p.add_(0.5 * torch.randn_like(p))
+    assert rel_fro(mixer(x), y) > 1e-4, f"perturbing {name} left the output unchanged"
+
+
+def test_reversed_input_with_swapped_directions_gives_reversed_output():
+    """y(flip(x)) with the forward and backward parameter sets swapped equals flip(y(x))."""
+    mixer = randomize(make_mixer())
+    swapped = copy.deepcopy(mixer)
+    state = mixer.state_dict()
+    pairs = [("conv1d.", "conv1d_b."), ("x_proj.", "x_proj_b."), ("dt_proj.", "dt_proj_b."), ("A_log", "A_b_log"),
+             ("D", "D_b")]  # fmt: skip
+    rename = {}
+    for f, b in pairs:
+        for key in state:
+            if key.startswith(f) and (f.endswith(".") or key == f):
+                rename[key], rename[b + key[len(f):]] = b + key[len(f):], key
+    swapped.load_state_dict({rename.get(k, k): v for k, v in state.items()})
+    x = torch.randn(2, 11, 8, dtype=F64)
+    assert_close(swapped(x.flip(1)), mixer(x).flip(1), F64, "swapped directions on the reversed sequence")
+    assert rel_fro(mixer(x.flip(1)), mixer(x).flip(1)) > 1e-3, "the directions are interchangeable: a vacuous test"
+
+
+# ---------------------------------------------------------------------------------------------
+# Grid adapter and retrofit into a timm ViT
+
+
+@pytest.mark.parametrize("grid", [(3, 5), (4, 1), (1, 1)])
+def test_grid_adapter_scans_row_major(grid):
+    mixer2d = randomize(make_mixer(cls=VimMixer2d))
+    tokens = VimMixer(8, state_dim=3).to(F64)
+    tokens.load_state_dict(mixer2d.state_dict())
+    x = torch.randn(2, *grid, 8, dtype=F64)
+    y = mixer2d(x)
+    assert y.shape == x.shape
+    assert_close(y, tokens(x.flatten(1, 2)).unflatten(1, grid), F64, "grid vs row-major tokens")
+
+
+def tiny_vit(**kwargs) -> VisionTransformer:
+    return VisionTransformer(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2, num_classes=3, **kwargs)
+
+
+def test_drops_into_a_timm_vit_before_attention():
+    model = add_spatial_layers(tiny_vit(dynamic_img_size=True), layer=partial(VimMixer2d, state_dim=4))
+    layers = spatial_layers(model)
+    assert len(layers) == 2 and all(isinstance(m, VimMixer2d) for m in layers)
+    x = torch.randn(2, 3, 16, 20)  # a 4 x 5 grid
+    model(x).square().mean().backward()
+    for layer in layers:
+        for name, p in layer.named_parameters():
+            assert p.grad is not None and p.grad.abs().max().item() > 0, f"{name} got no gradient"
+
+
+def test_identity_init_keeps_a_vit_unchanged():
+    torch.manual_seed(0)
+    base = tiny_vit(dynamic_img_size=True).eval()
+    x = torch.randn(2, 3, 16, 12)
+    with torch.no_grad():
+        expected = base(x)
+        model = add_spatial_layers(base, layer=partial(VimMixer2d, skip=True), init="identity")
+        assert torch.equal(model(x), expected)
+    with pytest.raises(ValueError, match="expected skip=True"):
+        VimMixer2d(8).reset_to_identity()
+
+
+# ---------------------------------------------------------------------------------------------
+# Init, optimizer groups, repr, errors
+
+
+def test_init_follows_mamba():
+    mixer = VimMixer(32, state_dim=5, expand=2)
+    for a_log in (mixer.A_log, mixer.A_b_log):
+        assert torch.allclose(-torch.exp(a_log), -torch.arange(1.0, 6.0).expand(64, 5))
+    for d in (mixer.D, mixer.D_b):
+        assert torch.equal(d, torch.ones(64))
+    for dt_proj in (mixer.dt_proj, mixer.dt_proj_b):
+        dt = F.softplus(dt_proj.bias)
+        assert dt.min().item() >= 1e-3 - 1e-9 and dt.max().item() <= 0.1 + 1e-9
+        assert dt_proj.weight.abs().max().item() <= 2**-0.5  # dt_rank = ceil(32 / 16) = 2
+    assert not torch.equal(mixer.dt_proj.bias, mixer.dt_proj_b.bias), "the directions share an init draw"
+    assert mixer.x_proj.weight.shape == (2 + 2 * 5, 64) and mixer.in_proj.weight.shape == (128, 32)
+
+
+def test_ssm_parameters_skip_weight_decay_even_after_deepcopy():
+    mixer = copy.deepcopy(VimMixer(16))
+    groups = ssm2d.param_groups(mixer, weight_decay=0.05)
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    names = {n for n, p in mixer.named_parameters() if id(p) in no_decay}
+    for name in ("A_log", "A_b_log", "D", "D_b", "dt_proj.bias", "dt_proj_b.bias"):
+        assert name in names, f"{name} gets weight decay"
+    assert "in_proj.weight" not in names and "x_proj_b.weight" not in names
+
+
+def test_repr_and_errors():
+    mixer2d = VimMixer2d(8, state_dim=3, skip=True)
+    assert "dim=8, state_dim=3, expand=2, dt_rank=1, conv_size=4, fast_path=True, skip=True" in repr(mixer2d)
+    with pytest.raises(ValueError, match=r"x: expected \(B, L, 8\), got \(2, 5, 7\)"):
+        VimMixer(8)(torch.randn(2, 5, 7))
+    with pytest.raises(ValueError, match=r"x: expected \(B, H, W, 8\), got \(2, 5, 8\)"):
+        mixer2d(torch.randn(2, 5, 8))
+    for bad in (dict(dim=0), dict(dim=8, state_dim=2.0), dict(dim=8, expand=True)):
+        with pytest.raises(ValueError, match="expected an integer >= 1"):
+            VimMixer(**bad)
+    with pytest.raises(TypeError):
+        VimMixer(8, state_size=4)
