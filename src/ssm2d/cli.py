@@ -106,7 +106,8 @@ def _compare(args: argparse.Namespace, extra: list[str]) -> None:
     models = [m for m in args.models.split(",") if m]
     seeds = [int(s) for s in args.seeds.split(",") if s]
     is_main = int(os.environ.get("RANK", "0")) == 0
-    result = compare(cfg, models, seeds, resume=args.resume, is_main=is_main)
+    command = "ssm2d " + " ".join(args.argv)
+    result = compare(cfg, models, seeds, resume=args.resume, is_main=is_main, command=command)
     if is_main:
         print(result["table"], end="")
         print(f"wrote {Path(cfg.output) / 'compare.md'}, compare.json and compare.png")
@@ -208,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
+    args.argv = argv
     _setup_logging()
     _tune_allocator()
     try:

@@ -155,6 +155,8 @@ def test_compare_writes_table_json_and_plot(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| `vit_mini_28` |" in printed and "| `vit_mini_28_nope` |" in printed and " ± " in printed
     data = json.loads((out / "compare.json").read_text())
+    assert data["command"].startswith(f"ssm2d compare {DEMO} --models vit_mini_28,vit_mini_28_nope --seeds 0,1")
+    assert f"Command: `{data['command']}`" in (out / "compare.md").read_text()
     rows = {r["model"]: r for r in data["rows"]}
     assert set(rows) == {"vit_mini_28", "vit_mini_28_nope"} and rows["vit_mini_28"]["seeds"] == [0, 1]
     for model, row in rows.items():

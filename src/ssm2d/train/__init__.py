@@ -1,7 +1,7 @@
 """Training and evaluation: config, engine, checkpoints, distributed runs, comparisons."""
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .compare import compare
+from .compare import compare, format_table
 from .config import ConfigError, TrainConfig, load_config, parse_override
 from .distributed import shutdown_distributed
 from .engine import NonFiniteLossError, evaluate, train_one_epoch
@@ -17,6 +17,7 @@ __all__ = [
     "compare",
     "evaluate",
     "evaluate_checkpoint",
+    "format_table",
     "load_checkpoint",
     "load_config",
     "load_trained_model",

@@ -76,12 +76,18 @@ def _plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
 
 
 def compare(
-    cfg: TrainConfig, models: list[str], seeds: list[int], resume: bool = False, is_main: bool = True
+    cfg: TrainConfig,
+    models: list[str],
+    seeds: list[int],
+    resume: bool = False,
+    is_main: bool = True,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Train every model with every seed under `cfg`'s recipe, into `cfg.output/<model>/seed<k>`.
 
     Writes `compare.md`, `compare.json` and `compare.png` (validation top-1 against epoch) into
-    `cfg.output` (process 0 only) and returns {"rows": [...], "table": markdown}.
+    `cfg.output` (process 0 only) and returns {"rows": [...], "table": markdown}. `command`, the
+    command line that asked for the comparison, is recorded in both files when given.
     """
     if not models:
         raise ValueError("models: expected at least one model name, got none")
@@ -99,7 +105,9 @@ def compare(
     if is_main:
         recipe = {k: v for k, v in cfg.to_dict().items() if k not in ("model", "seed", "output")}
         header = f"{cfg.dataset}, {cfg.epochs} epochs, train fraction {cfg.train_fraction}, seeds {seeds}"
-        write_text_atomic(out / "compare.md", f"# {header}\n\n{table}")
-        write_text_atomic(out / "compare.json", json.dumps({"recipe": recipe, "rows": rows}, indent=1) + "\n")
+        quoted = f"Command: `{command}`\n\n" if command else ""
+        write_text_atomic(out / "compare.md", f"# {header}\n\n{quoted}{table}")
+        payload = {"command": command, "header": header, "recipe": recipe, "rows": rows}
+        write_text_atomic(out / "compare.json", json.dumps(payload, indent=1) + "\n")
         _plot(rows, header, out / "compare.png")
     return {"rows": rows, "table": table}
