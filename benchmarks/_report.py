@@ -42,6 +42,15 @@ def machine() -> dict[str, object]:
     }
 
 
+def status_kb(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM, VmSize) in kB. VmHWM is the peak of
+    this process image only; `ru_maxrss` would also count the parent's memory at fork."""
+    found = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    if found is None:
+        raise RuntimeError(f"no {field} in /proc/self/status: peak memory is measured on Linux only")
+    return int(found.group(1))
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
