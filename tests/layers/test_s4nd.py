@@ -407,6 +407,7 @@ def test_extra_repr_shows_configuration():
         (dict(linear=False, dropout=1.0), "dropout"),
         (dict(kernel_size=0), "kernel_size"),
         (dict(bandlimit=-0.2), "bandlimit"),
+        (dict(bandlimit=True), "bandlimit"),
         (dict(rate=0.0), "rate"),
         (dict(dt_min=0.5, dt_max=0.1), "dt_min"),
     ],

@@ -15,7 +15,6 @@ from timm.models.vision_transformer import VisionTransformer
 import ssm2d
 from ssm2d.layers import V2M
 from ssm2d.models import add_spatial_layers, spatial_layers
-from ssm2d.ops.selective_scan import selective_scan_ref
 
 F64 = torch.float64
 GRIDS = [(5, 7), (9, 4), (1, 6), (6, 1), (3, 3)]
@@ -37,9 +36,9 @@ def two_pass(layer: V2M, xz: torch.Tensor) -> torch.Tensor:
     """Pass 1 along each row, then pass 2 along each column of (B, H, W, 2E): (B, H, W, E)."""
     u, z = xz.chunk(2, dim=-1)  # (B, H, W, E) each
     h, w = u.shape[1:3]
-    rows = [layer.pass1(u[:, i].mT, z[:, i].mT, selective_scan_ref) for i in range(h)]  # (B, E, W) each
+    rows = [layer.pass1(u[:, i].mT, z[:, i].mT, False) for i in range(h)]  # (B, E, W) each, ref ops
     u1 = torch.stack(rows, dim=1)  # (B, H, E, W)
-    cols = [layer.pass2(u1[..., j].mT, z[:, :, j].mT, selective_scan_ref) for j in range(w)]  # (B, E, H) each
+    cols = [layer.pass2(u1[..., j].mT, z[:, :, j].mT, False) for j in range(w)]  # (B, E, H) each
     return torch.stack(cols, dim=-1).permute(0, 2, 3, 1)  # (B, H, W, E)
 
 
@@ -136,23 +135,21 @@ def test_fast_path_matches_ref(grid, options):
         assert_close(actual[name], expected[name], torch.float32, f"grad {name}")
 
 
-def test_fast_path_flag_selects_scan(monkeypatch):
+def test_fast_path_flag_selects_the_ops(monkeypatch):
     import ssm2d.layers.v2m as v2m_module
 
     calls = []
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return selective_scan_ref(*args, **kwargs)
-
+    for name in ("selective_scan_ref", "causal_conv1d_ref"):
+        original = getattr(v2m_module, name)
+        monkeypatch.setattr(v2m_module, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     layer = make_layer()
     x = random_input(layer, (3, 4))
-    monkeypatch.setattr(v2m_module, "selective_scan_ref", counting)
     layer(x)
-    assert calls == [], "fast path called selective_scan_ref"
+    assert calls == [], f"fast path called {calls}"
     layer.fast_path = False
     layer(x)
-    assert len(calls) == 2, f"ref path: expected 2 scans (one per pass), got {len(calls)}"
+    expected = ["causal_conv1d_ref", "selective_scan_ref"] * 2  # one conv and one scan per pass
+    assert calls == expected, f"ref path: expected {expected}, got {calls}"
     assert "fast_path=False" in repr(layer)
 
 

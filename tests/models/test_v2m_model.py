@@ -110,3 +110,8 @@ def test_bad_arguments_raise():
         ssm2d.create_model("v2m_mini_32", pretrained=True)
     with pytest.raises(ValueError, match="depth"):
         mini(depth=0)
+
+
+def test_repr_shows_configuration():
+    text = repr(mini(num_classes=3))
+    assert "embed_dim=32, depth=4, num_classes=3" in text and "official_layout=False" in text

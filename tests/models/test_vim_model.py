@@ -113,3 +113,9 @@ def test_registered_variants():
         ssm2d.create_model("vim_mini_28", pretrained=True)
     with pytest.raises(TypeError):
         ssm2d.create_model("vim_mini_28", drop_path=0.1)
+
+
+@pytest.mark.parametrize("depth", [0, 2.0, True])
+def test_bad_depth_is_a_clear_error(depth):
+    with pytest.raises(ValueError, match=r"depth: expected an integer >= 1, got"):
+        tiny(depth=depth)

@@ -202,3 +202,81 @@ def test_missing_cuda_kernel_warns_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert scan_module._cuda_kernel(device) is None  # cached: no second warning
+
+
+def _wrong_values(*args, **kwargs):
+    return selective_scan_ref(*args, **kwargs) + 0.1
+
+
+def _raises_runtime_error(*args, **kwargs):
+    raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+
+def _old_signature(u, delta, A, B, C, D, z, delta_bias):  # no delta_softplus: a build with another signature
+    return u
+
+
+def _wrong_shape(*args, **kwargs):
+    return selective_scan_ref(*args, **kwargs)[..., :-1]
+
+
+@pytest.mark.parametrize(
+    "fake", [_wrong_values, _raises_runtime_error, _old_signature, _wrong_shape],
+    ids=["wrong_values", "runtime_error", "type_error", "wrong_shape"],
+)  # fmt: skip
+def test_kernel_failing_its_smoke_test_is_dropped_with_one_warning(monkeypatch, fake):
+    """A kernel that imports but fails the smoke call (on the CPU standing in for the GPU) is
+    never used, and the fallback warns exactly once per device."""
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return fake(*args, **kwargs)
+
+    real_smoke = scan_module._smoke_test
+    monkeypatch.setattr(scan_module, "_mamba_selective_scan_fn", counting)
+    monkeypatch.setattr(scan_module, "_KERNEL_OK", {})
+    monkeypatch.setattr(scan_module, "_smoke_test", lambda fn, device: real_smoke(fn, torch.device("cpu")))
+    assert not real_smoke(counting, torch.device("cpu")) and calls == [1]
+    device = torch.device("cuda", 0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            assert scan_module._cuda_kernel(device) is None
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "failed its smoke test on cuda:0" in messages[0], messages
+    assert calls == [1, 1], "the smoke call ran more than once per device"
+    with pytest.warns(UserWarning, match="cuda:1"):  # another device gets its own check
+        assert scan_module._cuda_kernel(torch.device("cuda", 1)) is None
+
+
+def test_kernel_passing_its_smoke_test_is_used(monkeypatch):
+    """A kernel that matches the ref is used (no warning) for the inputs it takes, and bypassed
+    for float64, for B and C with different group counts, and when chunk_size is given."""
+    calls = []
+
+    def kernel(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return selective_scan_ref(*args, **kwargs)
+
+    real_smoke = scan_module._smoke_test
+    monkeypatch.setattr(scan_module, "_mamba_selective_scan_fn", kernel)
+    monkeypatch.setattr(scan_module, "_KERNEL_OK", {})
+    monkeypatch.setattr(scan_module, "_smoke_test", lambda fn, device: real_smoke(fn, torch.device("cpu")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert scan_module._cuda_kernel(torch.device("cuda", 0)) is kernel
+    assert len(calls) == 1, "one smoke call"
+    calls.clear()
+    # Route CPU inputs to the (fake) device check, so that selective_scan's dispatch runs.
+    monkeypatch.setattr(scan_module, "_cuda_kernel", lambda device: kernel)
+    inputs = [t.detach() for t in random_inputs(6, True)]
+    out = selective_scan(*inputs, delta_softplus=True)
+    assert calls == [torch.float32]
+    assert_close(out, selective_scan_ref(*inputs, delta_softplus=True), torch.float32, "through the kernel")
+    selective_scan(*[t.double() for t in inputs], delta_softplus=True)
+    selective_scan(*inputs, delta_softplus=True, chunk_size=2)
+    u, delta, A, _, _, D, z, bias = inputs
+    B, C = torch.randn(2, 3, 3, 6), torch.randn(2, 1, 3, 6)
+    selective_scan(u, delta, A, B, C, D, z, bias, delta_softplus=True)
+    assert calls == [torch.float32], f"kernel called for inputs it does not take: {calls}"

@@ -101,7 +101,9 @@ class S4ND(nn.Module):
                 raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
         if not isinstance(state_dim, int) or isinstance(state_dim, bool) or state_dim < 2 or state_dim % 2:
             raise ValueError(f"state_dim: expected an even integer >= 2 (conjugate pairs), got {state_dim!r}")
-        if bandlimit is not None and not (isinstance(bandlimit, numbers.Real) and 0 < bandlimit < math.inf):
+        if bandlimit is not None and (
+            not isinstance(bandlimit, numbers.Real) or isinstance(bandlimit, bool) or not 0 < bandlimit < math.inf
+        ):
             raise ValueError(f"bandlimit: expected None or a finite number > 0, got {bandlimit!r}")
         if not (isinstance(dt_min, numbers.Real) and isinstance(dt_max, numbers.Real) and 0 < dt_min <= dt_max):
             raise ValueError(f"dt_min, dt_max: expected 0 < dt_min <= dt_max, got {dt_min!r} and {dt_max!r}")

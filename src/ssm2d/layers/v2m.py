@@ -21,8 +21,6 @@ quadrants. All corners share every weight, as in the released code.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -30,6 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from ..ops.causal_conv1d import causal_conv1d, causal_conv1d_ref
 from ..ops.selective_scan import selective_scan, selective_scan_ref
 from .mamba_init import init_dt_proj, s4d_real_a_log
 
@@ -77,7 +76,8 @@ class _ScanPass(nn.Module):
     def __init__(self, inner: int, state_dim: int, dt_rank: int, conv_size: int, learned: str) -> None:
         super().__init__()
         self.state_dim, self.dt_rank, self.learned = state_dim, dt_rank, learned
-        self.conv1d = nn.Conv1d(inner, inner, conv_size, groups=inner, padding=conv_size - 1)
+        # Holds the depthwise taps (E, 1, W); applied by `causal_conv1d`, not called.
+        self.conv1d = nn.Conv1d(inner, inner, conv_size, groups=inner)
         self.x_proj = nn.Linear(inner, dt_rank + len(learned) * state_dim, bias=False)
         self.dt_proj = nn.Linear(dt_rank, inner, bias=True)
         self.A_log = nn.Parameter(torch.empty(inner, state_dim))
@@ -103,10 +103,11 @@ class _ScanPass(nn.Module):
         self.A_log.copy_(s4d_real_a_log(*self.A_log.shape))
         self.D.fill_(1.0)
 
-    def forward(self, u: Tensor, z: Tensor, scan: Callable[..., Tensor]) -> Tensor:
-        """u, z: (S, E, L) -> (S, E, L)."""
+    def forward(self, u: Tensor, z: Tensor, fast_path: bool) -> Tensor:
+        """u, z: (S, E, L) -> (S, E, L); `fast_path=False` runs the `_ref` ops."""
         s, _, length = u.shape
-        u = F.silu(self.conv1d(u)[..., :length])  # (S, E, L), causal: the first L outputs
+        conv, scan = (causal_conv1d, selective_scan) if fast_path else (causal_conv1d_ref, selective_scan_ref)
+        u = conv(u, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu")  # (S, E, L)
         dbl = self.x_proj(rearrange(u, "s e l -> s l e"))  # (S, L, R + N) or (S, L, R + 2N)
         dt, *bc = dbl.split([self.dt_rank] + [self.state_dim] * len(self.learned), dim=-1)
         delta = rearrange(F.linear(dt, self.dt_proj.weight), "s l e -> s e l")  # bias added in the scan
@@ -145,8 +146,8 @@ class V2M(nn.Module):
             around the layer; required by `reset_to_identity`.
 
     Attributes:
-        fast_path: the chunked selective scan when True (default); `selective_scan_ref` (the
-            sequential recurrence) when False.
+        fast_path: the chunked selective scan and `F.conv1d` when True (default); their `_ref`
+            twins (sequential recurrence, tap-by-tap convolution) when False.
     """
 
     def __init__(
@@ -216,16 +217,15 @@ class V2M(nn.Module):
             raise ValueError(f"x: expected (B, H, W, {self.dim}), got {tuple(x.shape)}")
         if self.official_layout and x.shape[1] != x.shape[2]:
             raise ValueError(f"x: official_layout=True expects a square grid, got H x W = {x.shape[1]} x {x.shape[2]}")
-        scan = selective_scan if self.fast_path else selective_scan_ref
         orientations = self.orientations
         xz = self.in_proj(x)  # (B, H, W, 2E)
         xz = torch.cat([_orient(xz, o) for o in orientations])  # (4B, H', W', 2E), scan frame
         rows = xz.shape[1]
         u, z = rearrange(xz, "b h w e -> (b h) e w").chunk(2, dim=1)  # (4B H', E, W') each
-        u = self.pass1(u, z, scan)  # along rows
+        u = self.pass1(u, z, self.fast_path)  # along rows
         # Pass 2 scans the columns of the gated pass-1 output, gated by the same z.
         u, z = rearrange(torch.cat([u, z], dim=1), "(b h) e w -> (b w) e h", h=rows).chunk(2, dim=1)
-        y = self.pass2(u, z, scan)  # (4B W', E, H'), along columns
+        y = self.pass2(u, z, self.fast_path)  # (4B W', E, H'), along columns
         y = rearrange(y, "(o b w) e h -> o b h w e", o=len(orientations), h=rows, w=xz.shape[2])
         y = [_unorient(branch, o) for branch, o in zip(y, orientations)]  # aligned with the input
         if self.official_layout:

@@ -166,6 +166,9 @@ class Visual2DMamba(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, depth={self.depth}, num_classes={self.num_classes}"
+
 
 _MINI = dict(patch_size=4, embed_dim=32, depth=4, state_dim=4, expand=1)
 # Name -> (architecture, data config).

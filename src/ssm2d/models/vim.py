@@ -95,6 +95,8 @@ class Vim(nn.Module):
         norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+            raise ValueError(f"depth: expected an integer >= 1, got {depth!r}")
         self.num_classes, self.embed_dim, self.depth = num_classes, embed_dim, depth
         self.num_features = self.head_hidden_size = embed_dim
         self.patch_embed = PatchEmbed(

@@ -21,7 +21,7 @@ from typing import Any
 from timm.models import generate_default_cfgs
 from timm.models.vision_transformer import VisionTransformer
 
-from ..layers import S4ND, SSM2D, V2M, SPAttention
+from ..layers import S4ND, SSM2D, V2M, SPAttention, VimMixer2d
 from .builder import build, cfg
 from .registry import register_variants
 from .retrofit import SpatialLayer
@@ -32,7 +32,9 @@ __all__: list[str] = []  # entrypoints are reached through the registry
 _SD_32 = dict(img_size=32, patch_size=4, embed_dim=192, depth=9, num_heads=12, mlp_ratio=2.0)
 _DEIT_TINY = dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3)
 # Variant suffix -> the spatial layer it inserts (pre-attention, or mix-ffn with `_ffn`).
-_MIXERS: dict[str, SpatialLayer] = {"_ssm2d": SSM2D, "_s4nd": S4ND, "_v2m": V2M, "_spsa": SPAttention}
+_MIXERS: dict[str, SpatialLayer] = {
+    "_ssm2d": SSM2D, "_s4nd": S4ND, "_v2m": V2M, "_spsa": SPAttention, "_vim": VimMixer2d,
+}  # fmt: skip
 _ALL = ("", "_nope", "_ssm2d", "_ssm2d_nope", "_ssm2d_ffn", "_ssm2d_ffn_nope")
 _COMPARATORS = tuple(k for k in _MIXERS if k != "_ssm2d")
 _ARCHS: dict[str, tuple[dict[str, Any], str, tuple[str, ...]]] = {

@@ -148,27 +148,43 @@ def selective_scan_ref(
 
 
 _KERNEL_OK: dict[torch.device, bool] = {}
+# What mamba-ssm's kernel computes: these dtypes, and B and C with the same number of groups.
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _smoke_test(fn, device: torch.device) -> bool:
+    """Whether `fn` (selective_scan_fn's signature) runs on `device` and matches the ref there.
+
+    A tiny float32 problem with every optional argument. Raising RuntimeError (no kernel image
+    for the GPU, s4 #17 / mamba #867), TypeError (a build with other argument lists, Vim #41) or
+    ValueError counts as failing.
+    """
+    gen = torch.Generator().manual_seed(0)
+    shapes = ((1, 2, 5), (1, 2, 5), (2, 3), (1, 3, 5), (1, 3, 5), (2,), (1, 2, 5), (2,))
+    args = [torch.randn(shape, generator=gen).to(device) for shape in shapes]  # u, delta, A, B, C, D, z, bias
+    args[2] = -args[2].abs()
+    try:
+        out = fn(*args, delta_softplus=True)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    expected = selective_scan_ref(*args, delta_softplus=True)
+    return (
+        isinstance(out, Tensor)
+        and out.shape == expected.shape
+        and out.dtype == expected.dtype
+        and torch.allclose(out, expected, rtol=1e-3, atol=1e-3)
+    )
 
 
 def _cuda_kernel(device: torch.device):
-    """mamba-ssm's `selective_scan_fn` if it imports and matches the ref on `device`, else None.
+    """mamba-ssm's `selective_scan_fn` if it imports and passes `_smoke_test` on `device`, else None.
 
     The smoke call runs once per device; on CUDA without a working kernel, warn once.
     """
     if device.type != "cuda":
         return None
     if device not in _KERNEL_OK:
-        ok = False
-        if _mamba_selective_scan_fn is not None:
-            gen = torch.Generator().manual_seed(0)
-            args = [torch.randn(shape, generator=gen).to(device) for shape in
-                    ((1, 2, 5), (1, 2, 5), (2, 3), (1, 3, 5), (1, 3, 5), (2,), (1, 2, 5), (2,))]
-            args[2] = -args[2].abs()
-            try:
-                out = _mamba_selective_scan_fn(*args, delta_softplus=True)
-                ok = torch.allclose(out, selective_scan_ref(*args, delta_softplus=True), rtol=1e-3, atol=1e-3)
-            except RuntimeError:
-                ok = False
+        ok = _mamba_selective_scan_fn is not None and _smoke_test(_mamba_selective_scan_fn, device)
         if not ok:
             warnings.warn(
                 f"selective_scan: mamba-ssm's CUDA kernel is unavailable or failed its smoke test on {device}; "
@@ -177,6 +193,11 @@ def _cuda_kernel(device: torch.device):
             )
         _KERNEL_OK[device] = ok
     return _mamba_selective_scan_fn if _KERNEL_OK[device] else None
+
+
+def _kernel_supports(u: Tensor, B: Tensor, C: Tensor) -> bool:
+    """The CUDA kernel takes no float64, and B and C with different numbers of groups."""
+    return u.dtype in _KERNEL_DTYPES and _grouped(B).shape[1] == _grouped(C).shape[1]
 
 
 def selective_scan(
@@ -201,16 +222,18 @@ def selective_scan(
             `default_chunk_size(L)`. Giving it selects the torch path on any device.
 
     On CUDA, mamba-ssm's `selective_scan_fn` is used when it imports and passes a smoke call
-    (checked once per device); otherwise the torch path runs, with one warning on CUDA. The
-    torch path computes in float32 (float64 for float64 inputs) and returns the dtype of u.
-    Memory: it saves the inputs and the states at chunk starts, O(B D L N / T), where the
-    sequential ref keeps O(B D L N) for its backward pass.
+    (checked once per device); otherwise the torch path runs, with one warning on CUDA. Inputs
+    the kernel does not take (float64; B and C with different group counts) use the torch
+    path without the check. The torch path computes in float32 (float64 for float64 inputs)
+    and returns the dtype of u. Memory: it saves the inputs and the states at chunk starts,
+    O(B D L N / T), where the sequential ref keeps O(B D L N) for its backward pass.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
-    if chunk_size is None and _cuda_kernel(u.device) is not None:
-        return _cuda_kernel(u.device)(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    kernel = _cuda_kernel(u.device) if chunk_size is None and _kernel_supports(u, B, C) else None
+    if kernel is not None:
+        return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     length = u.shape[-1]
     dtype = torch.promote_types(torch.promote_types(u.dtype, A.dtype), torch.float32)
     dt = _step_sizes(delta.to(dtype), None if delta_bias is None else delta_bias.to(dtype), delta_softplus)

@@ -1,0 +1,35 @@
+"""The comparators in the ViT pre-attention placement (models/vit.py): every `vit_*` base with
+comparator variants has all four, each inserting its own layer before every attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ssm2d
+from ssm2d.layers import S4ND, V2M, SPAttention, SpatialOnTokens, VimMixer2d
+from ssm2d.models import spatial_layers
+
+LAYERS = {"_s4nd": S4ND, "_v2m": V2M, "_spsa": SPAttention, "_vim": VimMixer2d}
+
+
+@pytest.mark.parametrize("base", ["vit_mini_28", "vit_sd_32"])
+def test_every_comparator_is_registered(base):
+    names = set(ssm2d.list_models(f"{base}*"))
+    missing = {base + suffix for suffix in LAYERS} - names
+    assert not missing, f"not registered: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("suffix", LAYERS)
+def test_comparator_sits_before_every_attention(suffix):
+    model = ssm2d.create_model("vit_mini_28" + suffix)
+    layers = spatial_layers(model)
+    assert len(layers) == len(model.blocks)
+    assert all(type(m) is LAYERS[suffix] and m.dim == model.embed_dim for m in layers), layers
+    assert all(isinstance(block.norm1, SpatialOnTokens) for block in model.blocks)
+    # Pre-attention: the layer reads the normalized patch grid of its block.
+    seen = []
+    layers[1].register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        model.eval()(torch.randn(2, 1, 28, 36))  # a non-square 7 x 9 grid
+    assert seen == [(2, 7, 9, model.embed_dim)]
