@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import assert_close, causal_conv_oracle, grads, size_id
 
+import ssm2d.ops.conv2d as conv2d_module
 import ssm2d.ops.fftconv as fftconv_module
 from ssm2d.ops import (
     DIRECTION_FLIPS,
@@ -128,6 +130,27 @@ def test_fold_directions_layout(d):
     assert_close(full, causal_conv_oracle(x, kernels)[0].permute(2, 0, 1), torch.float64, "folded kernel")
 
 
+@pytest.mark.parametrize("d", [1, 2, 4])
+def test_fold_directions_center_and_gradients(d):
+    """The center tap adds to offset (0, 0); the hand-written backward is autograd's of the plain sum."""
+    channels, kh, kw = 3, 4, 5
+    kernels = torch.randn(d, channels, kh, kw, dtype=torch.float64, requires_grad=True)
+    center = torch.randn(channels, dtype=torch.float64, requires_grad=True)
+    full = fold_directions(kernels, center)
+    expected = torch.zeros(channels, 2 * kh - 1, 2 * kw - 1, dtype=torch.float64)
+    expected = expected + F.pad(kernels[0], (kw - 1, 0, kh - 1, 0))
+    flips = [(-2, -1), (-1,), (-2,)]
+    pads = [(0, kw - 1, 0, kh - 1), (0, kw - 1, kh - 1, 0), (kw - 1, 0, 0, kh - 1)]
+    for k, dims, pad in zip(kernels[1:], flips, pads):
+        expected = expected + F.pad(k.flip(dims), pad)
+    expected = expected + F.pad(center[:, None, None], (kw - 1, kw - 1, kh - 1, kh - 1))
+    assert_close(full, expected, torch.float64, "folded kernel with center")
+    upstream = torch.randn_like(full)
+    for name, g, g_ref in zip(("kernels", "center"), grads(full, (kernels, center), upstream),
+                              grads(expected, (kernels, center), upstream)):  # fmt: skip
+        assert_close(g, g_ref, torch.float64, f"fold grad {name}")
+
+
 def test_direct_conv2d_and_fft_agree_on_a_centered_kernel():
     grid, kernel = (7, 5), torch.randn(3, 5, 9, dtype=torch.float64)
     x = torch.randn(2, *grid, 3, dtype=torch.float64)
@@ -135,10 +158,51 @@ def test_direct_conv2d_and_fft_agree_on_a_centered_kernel():
     assert_close(fft_conv2d(x, kernel_spectrum(kernel, shape), shape), direct_conv2d(x, kernel), torch.float64, "fft")
 
 
+def _correlate_loop(g, x, kernel_size):
+    """r[c, ph + s, pw + t] = sum over b, i, j of g[b, i, j, c] x[b, i - s, j - t, c], written out."""
+    (kh2, kw2), (_, h, w, _) = kernel_size, x.shape
+    out = torch.zeros(x.shape[-1], kh2, kw2, dtype=x.dtype)
+    for s in range(-(kh2 // 2), kh2 // 2 + 1):
+        for t in range(-(kw2 // 2), kw2 // 2 + 1):
+            if abs(s) >= h or abs(t) >= w:
+                continue  # no pair of cells that far apart
+            gi, xi = slice(max(s, 0), h + min(s, 0)), slice(max(-s, 0), h - max(s, 0))
+            gj, xj = slice(max(t, 0), w + min(t, 0)), slice(max(-t, 0), w - max(t, 0))
+            out[:, kh2 // 2 + s, kw2 // 2 + t] = (g[:, gi, gj] * x[:, xi, xj]).sum((0, 1, 2))
+    return out
+
+
+@pytest.mark.parametrize("grid, ksize", GRID_KERNEL, ids=size_id)
+def test_dense_correlation_matches_loop_and_fft(grid, ksize):
+    """The direct path's kernel gradient on small grids (a matmul over cell pairs) is the FFT's."""
+    g, x = torch.randn(2, 3, *grid, 4, dtype=torch.float64).unbind(0)
+    kernel_size = (2 * ksize[0] - 1, 2 * ksize[1] - 1)
+    expected = _correlate_loop(g, x, kernel_size)
+    assert_close(conv2d_module._correlate_dense(g, x, kernel_size), expected, torch.float64, "dense vs loop")
+    assert_close(fftconv_module.correlate_sum(g, x, kernel_size), expected, torch.float64, "fft vs loop")
+    dense32 = conv2d_module._correlate_dense(g.float(), x.float(), kernel_size)
+    assert dense32.dtype == torch.float32
+    assert_close(dense32, expected, torch.float32, "dense float32 vs loop")
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["fft-kernel-grad", "dense-kernel-grad"])
+@pytest.mark.parametrize("grid, ksize", [((5, 7), (5, 7)), ((9, 7), (3, 5)), ((3, 4), (5, 6))], ids=size_id)
+def test_direct_kernel_gradient_either_way_matches_ref(monkeypatch, grid, ksize, dense):
+    monkeypatch.setattr(conv2d_module, "_dense_correlation_pays", lambda *args: dense)
+    x, kernels = _data(grid, ksize, 4)
+    x.requires_grad_()
+    kernels.requires_grad_()
+    y, ref = directional_conv2d(x, kernels, method="direct"), directional_conv2d_ref(x, kernels)
+    upstream = torch.randn_like(ref)
+    for name, g, g_ref in zip(("x", "kernels"), grads(y, (x, kernels), upstream), grads(ref, (x, kernels), upstream)):
+        assert_close(g, g_ref, torch.float64, f"direct grad {name}")
+
+
 BAD_CALLS = {
     "kernels 3-D": (lambda x, k: directional_conv2d(x, k[0]), r"kernels: expected shape \(d, C, kh, kw\)"),
     "kernels d=3": (lambda x, k: directional_conv2d(x, k.expand(3, -1, -1, -1)), r"kernels: .*d in \(1, 2, 4\)"),
     "fold d=3": (lambda x, k: fold_directions(k.expand(3, -1, -1, -1)), r"kernels: expected shape"),
+    "fold center": (lambda x, k: fold_directions(k, k.new_zeros(2)), r"center: expected shape \(3,\)"),
     "ref d=3": (lambda x, k: directional_conv2d_ref(x, k.expand(3, -1, -1, -1)), r"kernels: expected shape"),
     "x channels": (lambda x, k: directional_conv2d(x[..., :2], k), r"x: expected shape \(B, H, W, C\) with C=3"),
     "x 3-D": (lambda x, k: directional_conv2d(x[0], k), r"x: expected shape \(B, H, W, C\) with C=3"),
@@ -168,3 +232,12 @@ def test_choose_conv_method():
     # Without a backward, the direct path wins on larger grids (measured up to about 28 x 28).
     assert choose_conv_method((24, 24), (24, 24), backward=False) == "direct"
     assert choose_conv_method((32, 32), (32, 32), backward=False) == "fft"
+
+
+def test_dense_correlation_cost_model():
+    """The direct path's kernel gradient: by matmul on small grids, and on larger ones at large batch."""
+    pays = conv2d_module._dense_correlation_pays
+    assert pays(8, (8, 8), (15, 15)) and pays(64, (8, 8), (15, 15)) and pays(8, (4, 4), (7, 7))
+    assert pays(64, (14, 14), (27, 27)) and not pays(8, (14, 14), (27, 27))
+    assert not pays(8, (16, 16), (31, 31)) and not pays(8, (16, 16), (7, 7))
+    assert not pays(10**6, (17, 16), (33, 31))  # above the area cap, whatever the batch

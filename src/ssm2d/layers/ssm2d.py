@@ -245,11 +245,9 @@ class SSM2D(nn.Module):
             if (cached_grid, cached_method) == (grid, method) and _same_values(values, params):
                 return prepared
         ksize = self.kernel_grid(grid)
-        full = fold_directions(self.kernels(ksize))  # (C, 2kh-1, 2kw-1)
-        if self.omega is not None and method == "direct":
-            center = torch.zeros_like(full[0])
-            center[ksize[0] - 1, ksize[1] - 1] = 1.0
-            full = full + self.omega.to(full.dtype)[:, None, None] * center  # (C, 2kh-1, 2kw-1)
+        kernels = self.kernels(ksize)  # (d, C, kh, kw)
+        skip = self.omega.to(kernels.dtype) if self.omega is not None and method == "direct" else None
+        full = fold_directions(kernels, skip)  # (C, 2kh-1, 2kw-1)
         prepared = kernel_spectrum(full, fft_shape(grid, ksize)) if method == "fft" else full
         self._cache = ((grid, method, [p.detach().clone() for p in params]), prepared) if cacheable else None
         return prepared

@@ -10,6 +10,7 @@ of d = 4: top-left, bottom-right, top-right, bottom-left. All directions fold in
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .fftconv import _check_input, correlate_sum, fft_conv2d, fft_shape, kernel_spectrum
+from .fftconv import _check_input, _fast_length, correlate_sum, fft_conv2d, fft_shape, kernel_spectrum
 
 __all__ = [
     "DIRECTION_FLIPS",
@@ -38,14 +39,23 @@ DIRECTION_FLIPS: tuple[tuple[int, ...], ...] = ((), (1, 2), (2,), (1,))
 # cores at B = 8 and 64, C = 64 to 192, forward+backward and forward only:
 # - forward only, direct wins up to r of about 60 (whole-grid kernels up to 24 x 24, even at
 #   28 x 28; the FFT from 32 x 32);
-# - with a backward, whose kernel gradient is an FFT correlation over the whole grid anyway,
-#   direct wins for small truncated kernels on any grid (r <= 4: 0.55-0.9x the FFT path at
-#   32 x 32 and 56 x 56) and for whole-grid kernels up to 20 x 20 (0.7x at 16 x 16, 1.0x at
-#   20 x 20), but not for 7 x 7 truncations of 32 x 32 grids (r = 10: 1.2-1.8x).
+# - with a backward, whose kernel gradient was then always an FFT correlation over the whole
+#   grid (now a matmul on small grids, see below, which only favours direct more), direct
+#   wins for small truncated kernels on any grid (r <= 4: 0.55-0.9x the FFT path at 32 x 32
+#   and 56 x 56) and for whole-grid kernels up to 20 x 20 (0.7x at 16 x 16, 1.0x at 20 x 20),
+#   but not for 7 x 7 truncations of 32 x 32 grids (r = 10: 1.2-1.8x).
 _DIRECT_MAX_RATIO_FORWARD = 60.0  # forward only: direct up to this r
 _DIRECT_ANY_GRID_RATIO = 4.0  # with a backward: direct on any grid up to this r
 _DIRECT_MAX_AREA = 400  # with a backward: direct up to this H * W ...
 _DIRECT_MAX_RATIO_SMALL_GRID = 36.0  # ... and this r
+# Kernel gradient of the direct path: one batched matmul over all pairs of cells
+# (`_correlate_dense`, C L^2 (a B + b) work) or the FFT correlation (`correlate_sum`, about
+# C B M1 M2 log2(M1 M2)). Fitted on 1 CPU thread, C = 96 to 384, B = 8 and 64, grids 4 x 4 to
+# 16 x 16: in FFT units a = 0.067, b = 1.17; the dense way was 0.2-0.7x the FFT's time at 8 x 8
+# to 12 x 12, 0.5-0.7x at 14 x 14 and 16 x 16 with B = 64, 1.2-1.6x there with B = 8.
+_DENSE_COST_PER_IMAGE = 0.067
+_DENSE_COST_FIXED = 1.17
+_DENSE_CORRELATION_MAX_AREA = 256  # the (C, L, L) product grows as L^2: at most 256 KB per channel
 
 
 def _check_kernels(kernels: Tensor) -> None:
@@ -53,25 +63,59 @@ def _check_kernels(kernels: Tensor) -> None:
         raise ValueError(f"kernels: expected shape (d, C, kh, kw) with d in (1, 2, 4), got {tuple(kernels.shape)}")
 
 
-def fold_directions(kernels: Tensor) -> Tensor:
+class _Fold(torch.autograd.Function):
+    """`fold_directions` with a hand-written backward: the gradient of each direction is a
+    (flipped) window of the folded gradient, stacked in one op. Autograd through the slice
+    assignments would allocate and fill a zero tensor per direction and add them up."""
+
+    @staticmethod
+    def forward(ctx, kernels: Tensor, center: Tensor | None) -> Tensor:  # kernels: (d, C, kh, kw), center: (C,)
+        d, c, kh, kw = kernels.shape
+        full = kernels.new_zeros(c, 2 * kh - 1, 2 * kw - 1)
+        full[:, kh - 1 :, kw - 1 :] += kernels[0]  # top-left: offsets (p, q)
+        if d > 1:
+            full[:, :kh, :kw] += kernels[1].flip(-2, -1)  # bottom-right: (-p, -q)
+        if d > 2:
+            full[:, kh - 1 :, :kw] += kernels[2].flip(-1)  # top-right: (p, -q)
+            full[:, :kh, kw - 1 :] += kernels[3].flip(-2)  # bottom-left: (-p, q)
+        if center is not None:
+            full[:, kh - 1, kw - 1] += center
+        ctx.d, ctx.kh, ctx.kw = d, kh, kw
+        return full
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        d, kh, kw = ctx.d, ctx.kh, ctx.kw
+        grad_k = grad_c = None
+        if ctx.needs_input_grad[0]:
+            windows = [
+                grad[:, kh - 1 :, kw - 1 :],
+                grad[:, :kh, :kw].flip(-2, -1),
+                grad[:, kh - 1 :, :kw].flip(-1),
+                grad[:, :kh, kw - 1 :].flip(-2),
+            ]
+            grad_k = torch.stack(windows[:d])  # (d, C, kh, kw)
+        if ctx.needs_input_grad[1]:
+            grad_c = grad[:, kh - 1, kw - 1]  # (C,)
+        return grad_k, grad_c
+
+
+def fold_directions(kernels: Tensor, center: Tensor | None = None) -> Tensor:
     """Fold per-direction causal kernels into one centered kernel.
 
     Args:
         kernels: (d, C, kh, kw), d in (1, 2, 4), in the direction order of `DIRECTION_FLIPS`.
+        center: optional (C,) added to the center tap (offset (0, 0)), in kernels.dtype; the
+            layer folds its skip omega * x in this way.
 
     Returns:
         (C, 2kh-1, 2kw-1); entry (kh-1+p, kw-1+q) weighs the input at offset (-p, -q).
     """
     _check_kernels(kernels)
-    d, c, kh, kw = kernels.shape
-    full = kernels.new_zeros(c, 2 * kh - 1, 2 * kw - 1)
-    full[:, kh - 1 :, kw - 1 :] += kernels[0]  # top-left: offsets (p, q)
-    if d > 1:
-        full[:, :kh, :kw] += kernels[1].flip(-2, -1)  # bottom-right: (-p, -q)
-    if d > 2:
-        full[:, kh - 1 :, :kw] += kernels[2].flip(-1)  # top-right: (p, -q)
-        full[:, :kh, kw - 1 :] += kernels[3].flip(-2)  # bottom-left: (-p, q)
-    return full
+    if center is not None and center.shape != kernels.shape[1:2]:
+        raise ValueError(f"center: expected shape ({kernels.shape[1]},), got {tuple(center.shape)}")
+    return _Fold.apply(kernels, center)
 
 
 def choose_conv_method(
@@ -118,8 +162,54 @@ class _DirectConv(torch.autograd.Function):
             gx = F.conv2d(grad.permute(0, 3, 1, 2), kernel[:, None], padding=(kh2 // 2, kw2 // 2), groups=c)
             grad_x = gx.permute(0, 2, 3, 1)
         if ctx.needs_input_grad[1]:
-            grad_k = correlate_sum(grad, x, (kh2, kw2))
+            dense = _dense_correlation_pays(x.shape[0], (x.shape[1], x.shape[2]), (kh2, kw2))
+            grad_k = (_correlate_dense if dense else correlate_sum)(grad, x, (kh2, kw2))
         return grad_x, grad_k
+
+
+def _dense_correlation_pays(batch: int, grid: tuple[int, int], kernel_size: tuple[int, int]) -> bool:
+    """Whether `_correlate_dense` beats `correlate_sum` here (cost model above)."""
+    area = grid[0] * grid[1]
+    if area > _DENSE_CORRELATION_MAX_AREA:
+        return False
+    m1, m2 = (_fast_length(max(n + k // 2, k)) for n, k in zip(grid, kernel_size, strict=True))  # as correlate_sum
+    fft = batch * m1 * m2 * math.log2(m1 * m2)
+    return area**2 * (_DENSE_COST_PER_IMAGE * batch + _DENSE_COST_FIXED) <= fft
+
+
+@functools.lru_cache(maxsize=16)
+def _lag_index(h: int, w: int, device: torch.device) -> Tensor:
+    """(L * L,) flat position on the (2H-1) x (2W-1) lag grid of each pair (input cell reversed,
+    output cell), in the row-major order of the (L, L) product in `_correlate_dense`."""
+    cells = (torch.arange(h)[:, None] * (2 * w - 1) + torch.arange(w)).flatten()  # (L,)
+    return (cells[:, None] + cells).flatten().to(device)
+
+
+def _correlate_dense(g: Tensor, x: Tensor, kernel_size: tuple[int, int]) -> Tensor:
+    """`correlate_sum` by a batched matmul over all pairs of cells, for small grids.
+
+    prod[c, m, l] = sum over b of x[b, L-1-m, c] g[b, l, c] holds every product of an input
+    cell and an output cell once; one index_add sums them by lag (reversing the input cells
+    turns lags into sums of positions), and the lags are cropped or zero-padded to the kernel
+    size. Runs in float32 for half-precision inputs.
+
+    Args:
+        g, x: (B, H, W, C).
+        kernel_size: (kh2, kw2) = (2 ph + 1, 2 pw + 1).
+
+    Returns:
+        (C, kh2, kw2) in x.dtype; entry (ph + s, pw + t) is lag (s, t).
+    """
+    b, h, w, c = x.shape
+    work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    x_rev = x.to(work).flip(1, 2).permute(3, 0, 1, 2).reshape(c, b, h * w)  # (C, B, L), cells reversed
+    g_cells = g.to(work).permute(3, 0, 1, 2).reshape(c, b, h * w)  # (C, B, L)
+    prod = x_rev.mT @ g_cells  # (C, L, L)
+    lags = prod.new_zeros(c, (2 * h - 1) * (2 * w - 1))
+    lags.index_add_(1, _lag_index(h, w, x.device), prod.view(c, -1))
+    lags = lags.view(c, 2 * h - 1, 2 * w - 1)  # lag (s, t) at (H-1+s, W-1+t)
+    dh, dw = kernel_size[0] // 2 - (h - 1), kernel_size[1] // 2 - (w - 1)
+    return F.pad(lags, (dw, dw, dh, dh)).to(x.dtype)  # negative padding crops
 
 
 def direct_conv2d(x: Tensor, kernel: Tensor) -> Tensor:
