@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -39,6 +38,7 @@ from _report import (  # noqa: E402
     markdown_table,
     median_ms,
     report,
+    status_kb,
     update_section,
 )
 
@@ -78,21 +78,12 @@ def kernel_peak_mb(side: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _status_kb(field: str) -> int:
-    """A memory field of /proc/self/status (VmRSS, VmHWM) in kB. VmHWM is the peak of this
-    process image only; `ru_maxrss` would also count the parent's memory at fork."""
-    found = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    if found is None:
-        raise RuntimeError(f"no {field} in /proc/self/status: peak memory is measured on Linux only")
-    return int(found.group(1))
-
-
 def _measure_kernel_memory(side: int) -> None:
     layer = SSM2D(width(side), state_dim=STATE, directions=DIRECTIONS)
     kernel_step(layer, 2)  # load the libraries' code and thread pools before the baseline
-    resident_kb = _status_kb("VmRSS")
+    resident_kb = status_kb("VmRSS")
     kernel_step(layer, side)
-    print(f"{(_status_kb('VmHWM') - resident_kb) / 1024:.1f}")
+    print(f"{(status_kb('VmHWM') - resident_kb) / 1024:.1f}")
 
 
 def measure(side: int, reps: int, ref_kernel_max: int, ref_layer_max: int) -> dict:
