@@ -11,6 +11,8 @@ import math
 import torch
 import torch.nn as nn
 
+from .tagged import NO_WEIGHT_DECAY
+
 __all__ = ["init_dt_proj", "s4d_real_a_log"]
 
 
@@ -50,7 +52,7 @@ def init_dt_proj(
     dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_init_floor)
     inv_softplus = dt + torch.log(-torch.expm1(-dt))  # softplus(inv_softplus) == dt
     dt_proj.bias.copy_(inv_softplus.to(dt_proj.bias.dtype))
-    dt_proj.bias._optim = {"weight_decay": 0.0}
+    dt_proj.bias._optim = NO_WEIGHT_DECAY
 
 
 def s4d_real_a_log(d_inner: int, d_state: int) -> torch.Tensor:

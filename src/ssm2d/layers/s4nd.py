@@ -18,10 +18,10 @@ from torch import Tensor
 
 from ..ops import s4d_kernel, s4d_kernel_ref, separable_conv2d, separable_conv2d_ref
 from .ssm2d import _pair_or_none
+from .tagged import NO_WEIGHT_DECAY, TaggedModule
 
 __all__ = ["S4ND"]
 
-NO_WEIGHT_DECAY = {"weight_decay": 0.0}
 
 
 def _check_rate(rate: float) -> float:
@@ -42,7 +42,7 @@ def _centered(forward: Tensor, backward: Tensor | None) -> Tensor:
     return torch.cat([ahead.flip(-1), forward], -1)
 
 
-class S4ND(nn.Module):
+class S4ND(TaggedModule):
     """S4ND spatial layer (spec 1.1): y = K * x + D x per channel, with K[p, q] = k_h[p] k_w[q].
 
     Each axis has its own S4D kernel generator (diagonal A, ZOH, spec 1.1): A and B are shared
@@ -144,10 +144,6 @@ class S4ND(nn.Module):
         for p in (self.log_dt, self.log_A_real, self.A_imag, self.B, self.D):
             p._optim = NO_WEIGHT_DECAY
 
-    def __setstate__(self, state: dict) -> None:
-        # copy.deepcopy builds new Parameters without their attributes: tag them again.
-        super().__setstate__(state)
-        self._tag_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -24,10 +24,10 @@ from ..ops import (
     roesser_kernel,
     roesser_kernel_ref,
 )
+from .tagged import NO_WEIGHT_DECAY, TaggedModule
 
 __all__ = ["SSM2D"]
 
-NO_WEIGHT_DECAY = {"weight_decay": 0.0}
 
 
 def _pair_or_none(kernel_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -51,7 +51,7 @@ def _same_values(saved: list[Tensor], params: list[nn.Parameter]) -> bool:
     )
 
 
-class SSM2D(nn.Module):
+class SSM2D(TaggedModule):
     """2-D SSM spatial layer: a learned global kernel per channel, from d corners.
 
     Input and output are (B, H, W, C), any H x W. The kernels of all directions are folded
@@ -139,10 +139,6 @@ class SSM2D(nn.Module):
         for p in self._ssm_parameters():
             p._optim = NO_WEIGHT_DECAY  # spec section 4: A, B, C and omega skip weight decay
 
-    def __setstate__(self, state: dict) -> None:
-        # copy.deepcopy builds new Parameters without their attributes: tag them again.
-        super().__setstate__(state)
-        self._tag_parameters()
 
     def _ssm_parameters(self) -> list[nn.Parameter]:
         names = ("a_raw", "a_radius_raw", "a_angle_raw", "b_raw", "c_raw", "omega")

@@ -31,10 +31,10 @@ from torch import Tensor
 from ..ops.causal_conv1d import causal_conv1d, causal_conv1d_ref
 from ..ops.selective_scan import selective_scan, selective_scan_ref
 from .mamba_init import init_dt_proj, s4d_real_a_log
+from .tagged import NO_WEIGHT_DECAY, TaggedModule
 
 __all__ = ["V2M"]
 
-NO_WEIGHT_DECAY = {"weight_decay": 0.0}
 
 # An orientation: (grid dims to flip, transpose the grid first). Dims of a (B, H, W, E) grid.
 Orientation = tuple[tuple[int, ...], bool]
@@ -62,7 +62,7 @@ def _unorient(t: Tensor, orientation: Orientation) -> Tensor:
     return t.flip(flips) if flips else t
 
 
-class _ScanPass(nn.Module):
+class _ScanPass(TaggedModule):
     """One Mamba inner op along the last axis: conv, SiLU, x_proj, selective scan, D skip, gate.
 
     Args:
@@ -88,10 +88,6 @@ class _ScanPass(nn.Module):
         for p in (self.A_log, self.D, self.dt_proj.bias):
             p._optim = NO_WEIGHT_DECAY  # Mamba (spec 2.1): A, D and the dt bias skip weight decay
 
-    def __setstate__(self, state: dict) -> None:
-        # copy.deepcopy builds new Parameters without their attributes: tag them again.
-        super().__setstate__(state)
-        self._tag_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

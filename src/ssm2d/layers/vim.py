@@ -29,10 +29,10 @@ from torch import Tensor
 from ..ops.causal_conv1d import causal_conv1d, causal_conv1d_ref
 from ..ops.selective_scan import selective_scan, selective_scan_ref
 from .mamba_init import init_dt_proj, s4d_real_a_log
+from .tagged import NO_WEIGHT_DECAY, TaggedModule
 
 __all__ = ["VimMixer", "VimMixer2d"]
 
-NO_WEIGHT_DECAY = {"weight_decay": 0.0}
 
 # Direction -> its parameter names: (conv1d, x_proj, dt_proj, A_log, D), as in the released code.
 _DIRECTIONS = {
@@ -45,7 +45,7 @@ def _at_least_float32(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-class VimMixer(nn.Module):
+class VimMixer(TaggedModule):
     """Vim's bidirectional Mamba mixer on a token sequence: (B, L, C) -> (B, L, C).
 
     It takes the sequence rather than a grid because Vim's class token sits inside the scanned
@@ -93,10 +93,6 @@ class VimMixer(nn.Module):
             for p in (getattr(self, a_log), getattr(self, d), getattr(self, dt_proj).bias):
                 p._optim = NO_WEIGHT_DECAY  # Mamba (spec 2.1): A, D and the dt bias skip weight decay
 
-    def __setstate__(self, state: dict) -> None:
-        # copy.deepcopy builds new Parameters without their attributes: tag them again.
-        super().__setstate__(state)
-        self._tag_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

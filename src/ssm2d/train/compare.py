@@ -10,6 +10,7 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .config import TrainConfig
 from .io import write_text_atomic
@@ -66,6 +67,7 @@ def _plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
             low = [m - s for m, s in zip(mean, std, strict=True)]
             high = [m + s for m, s in zip(mean, std, strict=True)]
             ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation top-1 (%)")
     ax.set_title(title, fontsize=10)
