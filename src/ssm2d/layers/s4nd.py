@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops import s4d_kernel, s4d_kernel_ref, separable_conv2d, separable_conv2d_ref
+from .checks import check_positive_ints
 from .ssm2d import _pair_or_none
 from .tagged import NO_WEIGHT_DECAY, TaggedModule
 
@@ -96,9 +97,7 @@ class S4ND(TaggedModule):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        for name, value in (("dim", dim), ("channels", channels)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+        check_positive_ints(dim=dim, channels=channels)
         if not isinstance(state_dim, int) or isinstance(state_dim, bool) or state_dim < 2 or state_dim % 2:
             raise ValueError(f"state_dim: expected an even integer >= 2 (conjugate pairs), got {state_dim!r}")
         if bandlimit is not None and (

@@ -19,6 +19,7 @@ from einops import rearrange
 from torch import Tensor
 
 from ..ops import sp_attention, sp_attention_ref, spatial_prior, spatial_prior_ref
+from .checks import check_positive_ints
 from .grid import grid_to_tokens, tokens_to_grid
 from .placement import GridSize
 
@@ -50,9 +51,7 @@ class SpatialPrior(nn.Module):
 
     def __init__(self, num_heads: int, hidden: int) -> None:
         super().__init__()
-        for name, value in (("num_heads", num_heads), ("hidden", hidden)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+        check_positive_ints(num_heads=num_heads, hidden=hidden)
         self.num_heads, self.hidden = num_heads, hidden
         self.fc1 = nn.Linear(2, num_heads * hidden)  # W1, b1; hidden units grouped (h, k)
         self.w2 = nn.Parameter(torch.empty(num_heads * hidden))  # viewed as (h, k)

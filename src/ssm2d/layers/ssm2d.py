@@ -24,6 +24,7 @@ from ..ops import (
     roesser_kernel,
     roesser_kernel_ref,
 )
+from .checks import check_positive_ints
 from .tagged import NO_WEIGHT_DECAY, TaggedModule
 
 __all__ = ["SSM2D"]
@@ -98,9 +99,7 @@ class SSM2D(TaggedModule):
         kernel_size: int | tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("dim", dim), ("state_dim", state_dim), ("n_ssm", n_ssm)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+        check_positive_ints(dim=dim, state_dim=state_dim, n_ssm=n_ssm)
         if directions not in (1, 2, 4):
             raise ValueError(f"directions: expected 1, 2 or 4, got {directions!r}")
         if variant not in ("real", "complex"):

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ..ops.causal_conv1d import causal_conv1d, causal_conv1d_ref
 from ..ops.selective_scan import selective_scan, selective_scan_ref
+from .checks import check_positive_ints
 from .mamba_init import init_dt_proj, s4d_real_a_log
 from .tagged import NO_WEIGHT_DECAY, TaggedModule
 
@@ -159,11 +160,7 @@ class V2M(nn.Module):
     ) -> None:
         super().__init__()
         dt_rank = math.ceil(dim / 16) if dt_rank is None and isinstance(dim, int) else dt_rank
-        for name, value in (
-            ("dim", dim), ("state_dim", state_dim), ("expand", expand), ("dt_rank", dt_rank), ("conv_size", conv_size)
-        ):  # fmt: skip
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+        check_positive_ints(dim=dim, state_dim=state_dim, expand=expand, dt_rank=dt_rank, conv_size=conv_size)
         self.dim, self.state_dim, self.expand, self.dt_rank = dim, state_dim, expand, dt_rank
         self.conv_size, self.full_bc, self.official_layout, self.skip = conv_size, full_bc, official_layout, skip
         self.fast_path = True

@@ -26,6 +26,7 @@ from timm.layers import DropPath, PatchEmbed, lecun_normal_, resample_abs_pos_em
 from timm.models import generate_default_cfgs
 from torch import Tensor
 
+from ..layers.checks import check_positive_ints
 from ..layers.v2m import V2M
 from .builder import build, cfg
 from .registry import register_variants
@@ -92,8 +93,7 @@ class Visual2DMamba(nn.Module):
         drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
-            raise ValueError(f"depth: expected an integer >= 1, got {depth!r}")
+        check_positive_ints(depth=depth)
         self.num_classes, self.depth = num_classes, depth
         self.num_features = self.embed_dim = embed_dim
         self.patch_embed = PatchEmbed(

@@ -24,6 +24,7 @@ from timm.models import generate_default_cfgs
 from torch import Tensor
 
 from ..layers import VimMixer
+from ..layers.checks import check_positive_ints
 from .builder import build, cfg
 from .registry import register_variants
 
@@ -95,8 +96,7 @@ class Vim(nn.Module):
         norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
-        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
-            raise ValueError(f"depth: expected an integer >= 1, got {depth!r}")
+        check_positive_ints(depth=depth)
         self.num_classes, self.embed_dim, self.depth = num_classes, embed_dim, depth
         self.num_features = self.head_hidden_size = embed_dim
         self.patch_embed = PatchEmbed(
