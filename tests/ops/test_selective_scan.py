@@ -4,6 +4,7 @@ selective scans as an independent oracle: related-systems spec sections 2.1 and 
 from __future__ import annotations
 
 import importlib
+import math
 import warnings
 
 import pytest
@@ -96,6 +97,42 @@ def test_long_sequence_and_strong_decay_stay_finite():
     u, delta, A, B, C, D, z, bias = random_inputs(300, False, d=3, n=4)
     delta = (delta.detach() * 100).requires_grad_()  # delta up to 100, A down to -4
     check_against_ref([u, delta, A, B, C, D, z, bias], False, torch.float32, chunk_size=17)
+
+
+def test_chunk_decay_is_floored_above_the_subnormals():
+    """exp(-1000) would underflow (and exp with subnormal results is ~100x slower on CPU)."""
+    for dtype in (torch.float32, F64):
+        tiny = torch.finfo(dtype).tiny
+        dt_sum = torch.tensor([[[0.5, 10.0, 1000.0]]], dtype=dtype)  # (d, B, K) = (1, 1, 3)
+        decay = chunked_module._chunk_decay(dt_sum, -torch.ones(1, 2, dtype=dtype))  # (1, 2, 1, 3)
+        expected = torch.tensor([math.exp(-0.5), math.exp(-10.0), math.sqrt(tiny)], dtype=dtype)
+        assert_close(decay[0, 1, 0], expected, dtype, f"{dtype} decays")
+        assert decay.min().item() >= tiny  # never subnormal
+
+
+def test_workspace_is_reused_across_calls_and_sizes(monkeypatch):
+    """Large, then small, then large again through one cached workspace: each matches the ref."""
+    cache = chunked_module._CACHE.__dict__.setdefault("buffers", {})
+    cache.clear()
+    for length, d in ((40, 6), (9, 2), (40, 6)):
+        inputs = random_inputs(length, True, d=d)
+        check_against_ref(inputs, True, torch.float32, chunk_size=5)
+    (key, flat), = cache.items()
+    assert key == (torch.device("cpu"), torch.float32) and flat.numel() > 0
+    monkeypatch.setattr(chunked_module, "_CACHED_ELEMENTS", 1)  # too big to keep: allocated per call
+    cache.clear()
+    check_against_ref(random_inputs(12, True), True, torch.float32, chunk_size=4)
+    assert not cache
+
+
+def test_expanded_upstream_gradient():
+    """y.sum().backward() hands the backward an expanded (stride 0) gradient."""
+    inputs = random_inputs(23, True, (2, 2))
+    selective_scan(*inputs, delta_softplus=True, chunk_size=4).sum().backward()
+    wide = widen(inputs)
+    selective_scan_ref(*wide, delta_softplus=True).sum().backward()
+    for name, t, w in zip(NAMES, inputs, wide):
+        assert_close(t.grad, w.grad, torch.float32, f"d/d{name}")
 
 
 def test_matches_the_recurrence_by_hand():

@@ -20,14 +20,17 @@ same chunked scan backwards in time, and dL/d(delta_t A) = g_t exp(delta_t A) h_
 
 Memory. The layout is (T, D, N, B, K): a step is one contiguous slice, and batch and chunks
 innermost keep the broadcasts over N vectorised. Channels go in blocks of at most
-`_BLOCK_ELEMENTS` state entries held in buffers reused by every block (faulting in fresh
-memory costs more than the arithmetic on CPU), and the backward pass recomputes the states
-from the chunk-entry states saved by the forward: O(B D L N / T) saved, plus one block.
+`_BLOCK_ELEMENTS` state entries held in buffers reused by every block and kept for later
+calls (on CPU a first pass over fresh pages costs several times a pass over reused ones). The
+(B, D, L) inputs and outputs are read and written through strided (T, D, B, K) views, one
+block of channels at a time, a transpose that stays in cache. The backward pass recomputes the
+states from the chunk-entry states saved by the forward: O(B D L N / T) saved, plus one block.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +43,12 @@ __all__ = ["chunked_scan", "default_chunk_size"]
 # the L3 cache) and _STEP_ELEMENTS per step slice (below that, per-op overhead dominates).
 # Measured on 2 CPU cores: at L = 3136, B = 16, D = 384, N = 16 the choices 1M/4M and
 # 64K/256K ran within 10 %; training vim_mini_28 (batch 128), 1M was 25 % faster than 4M.
+# At L = 3136, B = 2, D = 384, 16K and 32K per step were 30 % and 10 % slower than 64K.
 _BLOCK_ELEMENTS = 1 << 20
 _STEP_ELEMENTS = 1 << 16
+# Workspaces up to this many elements (64 MB in float32) are kept per thread, device and dtype.
+_CACHED_ELEMENTS = 1 << 24
+_CACHE = threading.local()
 
 
 def default_chunk_size(length: int) -> int:
@@ -53,16 +60,36 @@ def default_chunk_size(length: int) -> int:
 
 
 def _to_chunks(t: Tensor, chunk: int) -> Tensor:
-    """(B, ..., L) -> (T, ..., B, K) contiguous, zero-padded to K * T steps."""
+    """(B, ..., L) -> (T, ..., B, K) contiguous, zero-padded to K * T steps (for the small B and C)."""
+    return _chunk_view(t, chunk).contiguous()
+
+
+def _chunk_view(t: Tensor, chunk: int) -> Tensor:
+    """(B, ..., L) -> (T, ..., B, K) as a strided view, over a zero-padded copy if L % T != 0.
+
+    Blocks of channels are made contiguous one at a time (`Tensor.contiguous` on a block is
+    cache-resident; on the whole tensor the same transpose is three times slower).
+    """
     pad = -t.shape[-1] % chunk
     if pad:
         t = F.pad(t, (0, pad))
-    return rearrange(t, "b ... (k t) -> t ... b k", t=chunk).contiguous()
+    return t.reshape(*t.shape[:-1], -1, chunk).movedim(-1, 0).movedim(1, -2)
 
 
 def _from_chunks(t: Tensor, length: int) -> Tensor:
-    """(T, ..., B, K) -> (B, ..., L), dropping the padding."""
-    return rearrange(t, "t ... b k -> b ... (k t)")[..., :length]
+    """(T, ..., B, K) -> (B, ..., L) contiguous, dropping the padding."""
+    return rearrange(t, "t ... b k -> b ... (k t)")[..., :length].contiguous()
+
+
+def _chunked_empty(like: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    """An uninitialised (B, D, K T) tensor and its (T, D, B, K) view (see `_chunk_view`)."""
+    out = like.new_empty(*like.shape[:-1], -(-like.shape[-1] // chunk) * chunk)
+    return out, _chunk_view(out, chunk)
+
+
+def _trim(t: Tensor, length: int) -> Tensor:
+    """(..., K T) -> (..., L): drops the padding."""
+    return t if t.shape[-1] == length else t[..., :length].contiguous()
 
 
 def _local_end(a: list[Tensor], x: list[Tensor]) -> Tensor:
@@ -77,16 +104,23 @@ def _carry(decay: Tensor, local_end: Tensor, reverse: bool) -> Tensor:
     """States entering each chunk, (..., K), from chunk decays and zero-start end states (..., K)."""
     decay, local_end = decay.movedim(-1, 0), local_end.movedim(-1, 0)  # (K, ...)
     incoming = torch.zeros_like(local_end)
-    k = incoming.shape[0]
-    for i in range(k - 2, -1, -1) if reverse else range(1, k):
-        j = i + 1 if reverse else i - 1  # the chunk that feeds chunk i
-        torch.addcmul(local_end[j], decay[j], incoming[j], out=incoming[i])
+    steps = [*zip(decay.unbind(0), local_end.unbind(0), incoming.unbind(0))]
+    if reverse:
+        steps.reverse()
+    for (decay_j, end_j, in_j), (_, _, in_i) in zip(steps, steps[1:]):  # chunk j feeds the next chunk i
+        torch.addcmul(end_j, decay_j, in_j, out=in_i)
     return incoming.movedim(0, -1)
 
 
 def _chunk_decay(dt_sum: Tensor, A: Tensor) -> Tensor:
-    """prod of exp(delta A) over a chunk from the chunk's sum of delta: (d, B, K) -> (d, N, B, K)."""
-    return torch.exp(dt_sum[:, None] * A[..., None, None])
+    """prod of exp(delta A) over a chunk from the chunk's sum of delta: (d, B, K) -> (d, N, B, K).
+
+    The exponent is floored at log(sqrt(tiny)): the decay over a long chunk often underflows,
+    and exp with a subnormal result, and products with it, are two orders of magnitude slower
+    on CPU. The floor moves a carried state by at most sqrt(tiny) (1e-19 in float32) of itself.
+    """
+    floor = math.log(torch.finfo(dt_sum.dtype).tiny) / 2
+    return torch.mul(dt_sum[:, None], A[..., None, None]).clamp_min_(floor).exp_()
 
 
 def _states(dt: Tensor, a: Tensor, x: Tensor, A: Tensor, h0: Tensor | None = None) -> Tensor:
@@ -97,8 +131,8 @@ def _states(dt: Tensor, a: Tensor, x: Tensor, A: Tensor, h0: Tensor | None = Non
     if h0 is None:
         h0 = _carry(_chunk_decay(dt.sum(0), A), _local_end(a.unbind(0), x.unbind(0)), reverse=False)
     prev = h0
-    for t in range(x.shape[0]):
-        prev = x[t].addcmul_(a[t], prev)
+    for a_t, x_t in zip(a.unbind(0), x.unbind(0)):
+        prev = x_t.addcmul_(a_t, prev)
     return h0
 
 
@@ -109,9 +143,10 @@ def _adjoint(dt: Tensor, a: Tensor, g: Tensor, A: Tensor) -> None:
     shifted = [*a.unbind(0)[1:], nxt]  # a'_t = a_{t+1}
     dt_next = F.pad(dt[0, ..., 1:], (0, 1))  # (d, B, K)
     decay = _chunk_decay(dt.sum(0) - dt[0] + dt_next, A)  # prod of a' per chunk
-    prev = _carry(decay, _local_end(shifted[::-1], g.unbind(0)[::-1]), reverse=True)
-    for t in range(g.shape[0] - 1, -1, -1):
-        prev = g[t].addcmul_(shifted[t], prev)
+    steps = g.unbind(0)[::-1]
+    prev = _carry(decay, _local_end(shifted[::-1], steps), reverse=True)
+    for a_t, g_t in zip(shifted[::-1], steps):
+        prev = g_t.addcmul_(a_t, prev)
 
 
 def _blocks(d: int, groups: int, per_channel: int, chunk: int) -> list[tuple[int, int, int]]:
@@ -124,24 +159,36 @@ def _blocks(d: int, groups: int, per_channel: int, chunk: int) -> list[tuple[int
 
 
 class _Workspace:
-    """Flat buffers reused by every block, viewed as (T, d, N, B, K)."""
+    """`count` flat buffers of `size` elements, reused by every block, viewed as (T, d, N, B, K).
 
-    def __init__(self, like: Tensor, per_channel: int, blocks: list[tuple[int, int, int]], count: int) -> None:
-        most = max(c1 - c0 for _, c0, c1 in blocks)
-        self.buffers = like.new_empty(count, most * per_channel).unbind(0)
+    The memory is kept per thread, device and dtype for later calls (up to `_CACHED_ELEMENTS`):
+    on CPU the first pass over fresh pages costs eight times a pass over reused ones.
+    """
+
+    def __init__(self, like: Tensor, count: int, size: int) -> None:
+        cache = _CACHE.__dict__.setdefault("buffers", {})
+        key, need = (like.device, like.dtype), count * size
+        flat = cache.get(key)
+        if flat is None or flat.numel() < need:
+            flat = like.new_empty(need)
+            if need <= _CACHED_ELEMENTS:
+                cache[key] = flat
+        self.buffers = flat[:need].view(count, size).unbind(0)
 
     def view(self, i: int, shape: tuple[int, ...]) -> Tensor:
         return self.buffers[i][: math.prod(shape)].view(shape)
 
 
-def _block_setup(ws: _Workspace, dtc: Tensor, uc: Tensor, A: Tensor, Bc: Tensor, g: int, c0: int, c1: int):
-    """a = exp(delta A) and x = delta u B of one block, in workspace buffers 0 and 1."""
-    dtb, Ab = dtc[:, c0:c1], A[c0:c1]  # (T, d, B, K), (d, N)
+def _block_setup(ws: _Workspace, dtb: Tensor, ub: Tensor, A: Tensor, Bc: Tensor, g: int):
+    """v = delta u, a = exp(delta A) and x = v B of one block (a, x in workspace buffers 0 and 1).
+
+    dtb, ub (T, d, B, K); A (d, N); Bc (T, G, N, B, K).
+    """
     shape = (dtb.shape[0], dtb.shape[1], A.shape[1], *dtb.shape[2:])  # (T, d, N, B, K)
-    v = dtb * uc[:, c0:c1]  # (T, d, B, K)
-    a = torch.mul(dtb[:, :, None], Ab[..., None, None], out=ws.view(0, shape)).exp_()
+    v = dtb * ub  # (T, d, B, K)
+    a = torch.mul(dtb[:, :, None], A[..., None, None], out=ws.view(0, shape)).exp_()
     x = torch.mul(v[:, :, None], Bc[:, g, None], out=ws.view(1, shape))
-    return dtb, Ab, v, a, x
+    return v, a, x
 
 
 class _ChunkedScan(torch.autograd.Function):
@@ -151,56 +198,61 @@ class _ChunkedScan(torch.autograd.Function):
     def forward(ctx, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int) -> Tensor:
         # u, dt (B, D, L); A (D, N); B, C (B, G, N, L); all in the compute dtype
         length, n = u.shape[-1], A.shape[1]
-        uc, dtc, Bc, Cc = (_to_chunks(t, chunk) for t in (u, dt, B, C))  # (T, D, B, K), (T, G, N, B, K)
-        per_channel = uc[:, 0].numel() * n
+        uv, dtv = _chunk_view(u, chunk), _chunk_view(dt, chunk)  # (T, D, B, K) views
+        Bc, Cc = _to_chunks(B, chunk), _to_chunks(C, chunk)  # (T, G, N, B, K)
+        per_channel = uv[:, 0].numel() * n
         blocks = _blocks(u.shape[1], B.shape[1], per_channel, chunk)
-        ws = _Workspace(uc, per_channel, blocks, 2)
-        y = torch.empty_like(uc)  # (T, D, B, K)
-        h0 = uc.new_empty(uc.shape[1], n, *uc.shape[2:])  # (D, N, B, K): chunk-entry states
+        ws = _Workspace(u, 2, per_channel * max(c1 - c0 for _, c0, c1 in blocks))
+        y, yv = _chunked_empty(u, chunk)
+        h0 = u.new_empty(u.shape[1], n, *uv.shape[2:])  # (D, N, B, K): chunk-entry states
         for g, c0, c1 in blocks:
-            dtb, Ab, _, a, h = _block_setup(ws, dtc, uc, A, Bc, g, c0, c1)
+            dtb, Ab = dtv[:, c0:c1].contiguous(), A[c0:c1]
+            _, a, h = _block_setup(ws, dtb, uv[:, c0:c1].contiguous(), Ab, Bc, g)
             h0[c0:c1] = _states(dtb, a, h, Ab)
-            torch.sum(h.mul_(Cc[:, g, None]), dim=2, out=y[:, c0:c1])
+            yv[:, c0:c1] = h.mul_(Cc[:, g, None]).sum(2)
         ctx.save_for_backward(u, dt, A, B, C, h0)
         ctx.chunk = chunk
-        return _from_chunks(y, length)
+        return _trim(y, length)
 
     @staticmethod
     def backward(ctx, gy: Tensor):
         u, dt, A, B, C, h0 = ctx.saved_tensors
         chunk, length, n = ctx.chunk, u.shape[-1], A.shape[1]
-        uc, dtc, gyc, Bc, Cc = (_to_chunks(t, chunk) for t in (u, dt, gy.to(u.dtype), B, C))
-        per_channel = uc[:, 0].numel() * n
+        uv, dtv, gyv = (_chunk_view(t, chunk) for t in (u, dt, gy.to(u.dtype)))  # (T, D, B, K) views
+        Bc, Cc = _to_chunks(B, chunk), _to_chunks(C, chunk)  # (T, G, N, B, K)
+        per_channel = uv[:, 0].numel() * n
         blocks = _blocks(u.shape[1], B.shape[1], per_channel, chunk)
-        ws = _Workspace(uc, per_channel, blocks, 3)
-        gu, gdt, gA = torch.empty_like(uc), torch.empty_like(dtc), torch.empty_like(A)
+        ws = _Workspace(u, 3, per_channel * max(c1 - c0 for _, c0, c1 in blocks))
+        (gu, guv), (gdt, gdtv) = _chunked_empty(u, chunk), _chunked_empty(u, chunk)
+        gA = torch.empty_like(A)
         gB, gC = torch.zeros_like(Bc), torch.zeros_like(Cc)  # (T, G, N, B, K)
         for g, c0, c1 in blocks:
-            dtb, Ab, v, a, h = _block_setup(ws, dtc, uc, A, Bc, g, c0, c1)
-            h0b, gyb = h0[c0:c1], gyc[:, c0:c1]
+            dtb, ub, gyb = dtv[:, c0:c1].contiguous(), uv[:, c0:c1].contiguous(), gyv[:, c0:c1].contiguous()
+            Ab, h0b, Bg, gBg, gCg = A[c0:c1], h0[c0:c1], Bc[:, g], gB[:, g], gC[:, g]
+            v, a, h = _block_setup(ws, dtb, ub, Ab, Bc, g)
             _states(dtb, a, h, Ab, h0b)  # h: states (T, d, N, B, K)
             adj = torch.mul(gyb[:, :, None], Cc[:, g, None], out=ws.view(2, h.shape))
             _adjoint(dtb, a, adj, Ab)  # adj: dL/dh_t through the whole future
-            for c in range(c1 - c0):  # sums over the channels of the group, without temporaries
-                if ctx.needs_input_grad[4]:
-                    gC[:, g].addcmul_(gyb[:, c, None], h[:, c])
-                if ctx.needs_input_grad[3]:
-                    gB[:, g].addcmul_(v[:, c, None], adj[:, c])
-            # dL/d(delta_t A) = adj_t * a_t * h_{t-1}, built in place over a
+            # sums over the channels of the group, one channel at a time: the sum stays in cache
+            if ctx.needs_input_grad[4]:
+                for gy_c, h_c in zip(gyb.unbind(1), h.unbind(1)):
+                    gCg.addcmul_(gy_c[:, None], h_c)
+            if ctx.needs_input_grad[3]:
+                for v_c, adj_c in zip(v.unbind(1), adj.unbind(1)):
+                    gBg.addcmul_(v_c[:, None], adj_c)
+            # w = dL/d(delta_t A) = adj_t * a_t * h_{t-1}, built in place over a
             a[1:].mul_(h[:-1])
             a[0].mul_(h0b)
-            a.mul_(adj)
-            s = adj[:, :, 0] * Bc[:, g, None, 0]  # (T, d, B, K): sum_n adj B, one state at a time
-            gdt_b = a[:, :, 0] * Ab[:, 0, None, None]  # (T, d, B, K): sum_n a A
-            for i in range(1, n):
-                s.addcmul_(adj[:, :, i], Bc[:, g, None, i])
-                gdt_b.addcmul_(a[:, :, i], Ab[:, i, None, None])
-            gu[:, c0:c1] = s * dtb
-            gdt_b.addcmul_(s, uc[:, c0:c1])
-            gdt[:, c0:c1] = gdt_b
-            gA[c0:c1] = a.mul_(dtb[:, :, None]).sum((0, 3, 4))
-        return _from_chunks(gu, length), _from_chunks(gdt, length), gA, _from_chunks(gB, length), \
-            _from_chunks(gC, length), None
+            w = a.mul_(adj).flatten(-2)  # (T, d, N, B K)
+            adj_n, B_n = adj.unbind(2), Bg[:, None].unbind(2)
+            s = adj_n[0] * B_n[0]  # (T, d, B, K): sum_n adj B, one state at a time
+            for adj_i, B_i in zip(adj_n[1:], B_n[1:]):
+                s.addcmul_(adj_i, B_i)
+            guv[:, c0:c1] = s * dtb
+            gdtv[:, c0:c1] = torch.matmul(Ab[:, None], w).view_as(s).addcmul_(s, ub)  # sum_n w A + s u
+            # sum over (t, b, k) of w delta; bmm on flat views: matmul's broadcasting copies dtb
+            gA[c0:c1] = torch.bmm(w.flatten(0, 1), dtb.reshape(-1, w.shape[-1], 1)).view(w.shape[:3]).sum(0)
+        return _trim(gu, length), _trim(gdt, length), gA, _from_chunks(gB, length), _from_chunks(gC, length), None
 
 
 def chunked_scan(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int) -> Tensor:
