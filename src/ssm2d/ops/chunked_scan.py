@@ -159,13 +159,14 @@ def _blocks(d: int, groups: int, per_channel: int, chunk: int) -> list[tuple[int
 
 
 class _Workspace:
-    """`count` flat buffers of `size` elements, reused by every block, viewed as (T, d, N, B, K).
+    """`count` flat buffers for the largest block, reused by every block, viewed as (T, d, N, B, K).
 
     The memory is kept per thread, device and dtype for later calls (up to `_CACHED_ELEMENTS`):
     on CPU the first pass over fresh pages costs eight times a pass over reused ones.
     """
 
-    def __init__(self, like: Tensor, count: int, size: int) -> None:
+    def __init__(self, like: Tensor, per_channel: int, blocks: list[tuple[int, int, int]], count: int) -> None:
+        size = per_channel * max(c1 - c0 for _, c0, c1 in blocks)
         cache = _CACHE.__dict__.setdefault("buffers", {})
         key, need = (like.device, like.dtype), count * size
         flat = cache.get(key)
@@ -202,7 +203,7 @@ class _ChunkedScan(torch.autograd.Function):
         Bc, Cc = _to_chunks(B, chunk), _to_chunks(C, chunk)  # (T, G, N, B, K)
         per_channel = uv[:, 0].numel() * n
         blocks = _blocks(u.shape[1], B.shape[1], per_channel, chunk)
-        ws = _Workspace(u, 2, per_channel * max(c1 - c0 for _, c0, c1 in blocks))
+        ws = _Workspace(u, per_channel, blocks, 2)
         y, yv = _chunked_empty(u, chunk)
         h0 = u.new_empty(u.shape[1], n, *uv.shape[2:])  # (D, N, B, K): chunk-entry states
         for g, c0, c1 in blocks:
@@ -222,7 +223,7 @@ class _ChunkedScan(torch.autograd.Function):
         Bc, Cc = _to_chunks(B, chunk), _to_chunks(C, chunk)  # (T, G, N, B, K)
         per_channel = uv[:, 0].numel() * n
         blocks = _blocks(u.shape[1], B.shape[1], per_channel, chunk)
-        ws = _Workspace(u, 3, per_channel * max(c1 - c0 for _, c0, c1 in blocks))
+        ws = _Workspace(u, per_channel, blocks, 3)
         (gu, guv), (gdt, gdtv) = _chunked_empty(u, chunk), _chunked_empty(u, chunk)
         gA = torch.empty_like(A)
         gB, gC = torch.zeros_like(Bc), torch.zeros_like(Cc)  # (T, G, N, B, K)
