@@ -125,6 +125,18 @@ def test_workspace_is_reused_across_calls_and_sizes(monkeypatch):
     assert not cache
 
 
+def test_workspace_made_in_inference_mode_serves_autograd_later():
+    """Eval under torch.inference_mode, then a training step, through one cached workspace."""
+    chunked_module._CACHE.__dict__.setdefault("buffers", {}).clear()
+    inputs = random_inputs(21, True)
+    with torch.inference_mode():
+        selective_scan(*[t.detach() for t in inputs], delta_softplus=True, chunk_size=5)
+    check_against_ref(inputs, True, torch.float32, chunk_size=5)
+    with torch.inference_mode():  # and back: the cached (normal) tensor is written in inference mode
+        fast = selective_scan(*[t.detach() for t in inputs], delta_softplus=True, chunk_size=5)
+    assert_close(fast, selective_scan_ref(*widen(inputs), delta_softplus=True), torch.float32, "output")
+
+
 def test_expanded_upstream_gradient():
     """y.sum().backward() hands the backward an expanded (stride 0) gradient."""
     inputs = random_inputs(23, True, (2, 2))

@@ -171,7 +171,8 @@ class _Workspace:
         key, need = (like.device, like.dtype), count * size
         flat = cache.get(key)
         if flat is None or flat.numel() < need:
-            flat = like.new_empty(need)
+            with torch.inference_mode(False):  # an inference tensor could not be written outside inference mode
+                flat = like.new_empty(need)
             if need <= _CACHED_ELEMENTS:
                 cache[key] = flat
         self.buffers = flat[:need].view(count, size).unbind(0)
