@@ -6,8 +6,10 @@ import json
 import platform
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -39,6 +41,16 @@ def machine() -> dict[str, object]:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
+    }
+
+
+def run_header(benchmark: str) -> dict[str, object]:
+    """The fields every benchmark JSON starts with: its name, the command line, UTC date, machine."""
+    return {
+        "benchmark": benchmark,
+        "command": "python " + " ".join([f"benchmarks/{benchmark}.py", *sys.argv[1:]]),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
     }
 
 
@@ -81,6 +93,13 @@ def update_section(path: Path, name: str, body: str) -> None:
     else:
         text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
     path.write_text(text)
+
+
+def update_docs_and_readme(section: str, docs_body: str, readme_body: str) -> None:
+    """Rewrite section `section` of docs/benchmarks.md and `section`-results of README.md."""
+    update_section(ROOT / "docs" / "benchmarks.md", section, docs_body)
+    update_section(ROOT / "README.md", f"{section}-results", readme_body)
+    print("updated docs/benchmarks.md and README.md")
 
 
 def report(

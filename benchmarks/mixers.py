@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -38,7 +37,7 @@ from ssm2d.layers import S4ND, SSM2D, V2M, SPAttention, VimMixer2d  # noqa: E402
 from ssm2d.ops import selective_scan, selective_scan_ref  # noqa: E402
 
 sys.path.append(str(_HERE))
-from _report import ROOT, machine, markdown_table, median_ms, report, status_kb, update_section  # noqa: E402
+from _report import ROOT, markdown_table, median_ms, report, run_header, status_kb, update_docs_and_readme  # noqa: E402
 
 BATCH, DIM = 16, 192
 SCAN = {"batch": 2, "channels": 2 * DIM, "state": 16, "length": 56 * 56}  # one Vim direction, expand 2
@@ -268,9 +267,7 @@ def readme_markdown(payload: dict) -> str:
 
 
 def update_docs(payload: dict) -> None:
-    update_section(ROOT / "docs" / "benchmarks.md", "mixers", markdown(payload))
-    update_section(ROOT / "README.md", "mixers-results", readme_markdown(payload))
-    print("updated docs/benchmarks.md and README.md")
+    update_docs_and_readme("mixers", markdown(payload), readme_markdown(payload))
 
 
 def main() -> None:
@@ -296,16 +293,12 @@ def main() -> None:
         return
     if args.quick:
         args.sides, args.reps, args.scan_reps = [14], 1, 1
-    command = "python " + " ".join(["benchmarks/mixers.py", *sys.argv[1:]])
     layers = {name: describe(name) for name in args.layers}
     results = run(args.layers, args.sides, args.reps, args.memory_gb, args.timeout)
     scan = measure_scan(args.scan_reps)
     print(f"  scan L={scan['length']}: {scan['fast_ms']:,.0f} ms, ref {scan['ref_ms']:,.0f} ms", file=sys.stderr)
     payload = {
-        "benchmark": "mixers",
-        "command": command,
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(),
+        **run_header("mixers"),
         "reps": args.reps,
         "layers": layers,
         "results": results,

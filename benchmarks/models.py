@@ -20,7 +20,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -40,7 +39,7 @@ from ssm2d.ops import (  # noqa: E402
 )
 
 sys.path.append(str(_HERE))
-from _report import ROOT, machine, markdown_table, report, update_section  # noqa: E402
+from _report import ROOT, markdown_table, report, run_header, update_docs_and_readme  # noqa: E402
 
 PAIRS = [
     ("vit_sd_32", "vit_sd_32_ssm2d"),
@@ -207,9 +206,7 @@ def readme_markdown(payload: dict) -> str:
 
 
 def update_docs(payload: dict) -> None:
-    update_section(ROOT / "docs" / "benchmarks.md", "models", markdown(payload))
-    update_section(ROOT / "README.md", "models-results", readme_markdown(payload))
-    print("updated docs/benchmarks.md and README.md")
+    update_docs_and_readme("models", markdown(payload), readme_markdown(payload))
 
 
 def main() -> None:
@@ -232,10 +229,7 @@ def main() -> None:
     parts = breakdown(pairs[0][1], args.batches[0], args.reps)
     print("breakdown (ms):", {k: round(v, 2) if isinstance(v, float) else v for k, v in parts.items()})
     payload = {
-        "benchmark": "models",
-        "command": "python " + " ".join(["benchmarks/models.py", *sys.argv[1:]]),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(),
+        **run_header("models"),
         "reps": args.reps,
         "results": results,
         "breakdown": parts,

@@ -20,7 +20,6 @@ import argparse
 import json
 import subprocess
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -34,12 +33,12 @@ from ssm2d.ops import fft_shape  # noqa: E402
 sys.path.append(str(_HERE))
 from _report import (  # noqa: E402
     ROOT,
-    machine,
     markdown_table,
     median_ms,
     report,
+    run_header,
     status_kb,
-    update_section,
+    update_docs_and_readme,
 )
 
 BATCH, STATE, DIRECTIONS = 64, 16, 4
@@ -224,9 +223,7 @@ def readme_markdown(payload: dict, command: str) -> str:
 
 def update_docs(payload: dict) -> None:
     """Rewrite the generated sections of docs/benchmarks.md and README.md from one run."""
-    update_section(ROOT / "docs" / "benchmarks.md", "ssm2d", markdown(payload, payload["command"]))
-    update_section(ROOT / "README.md", "ssm2d-results", readme_markdown(payload, payload["command"]))
-    print("updated docs/benchmarks.md and README.md")
+    update_docs_and_readme("ssm2d", markdown(payload, payload["command"]), readme_markdown(payload, payload["command"]))
 
 
 def main() -> None:
@@ -252,13 +249,9 @@ def main() -> None:
         return
     if args.quick:
         args.sides, args.reps, args.ref_layer_max = [8, 14, 32], 3, 14
-    command = "python " + " ".join(["benchmarks/ssm2d.py", *sys.argv[1:]])
     results = run(args.sides, args.reps, args.ref_kernel_max, args.ref_layer_max)
     payload = {
-        "benchmark": "ssm2d",
-        "command": command,
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(),
+        **run_header("ssm2d"),
         "ref_kernel_max": args.ref_kernel_max,
         "ref_layer_max": args.ref_layer_max,
         "results": results,
