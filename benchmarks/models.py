@@ -7,6 +7,12 @@ for context, where the kernels' fixed cost per step is spread over more images):
 Baseline and SSM model are timed in alternation, repetition by repetition, so that both see
 the same machine state; the ratio is that of the medians.
 
+The inference floor (batch 8) times each +2-D SSM model twice more, in the same alternation:
+with every 2-D SSM layer cut down to its convolution alone (kernel prepared once, on the path
+the cost model picks), and with every layer replaced by the identity (what remains is the
+placement: splitting off prefix tokens and joining them back). The first is the least the
+layer can cost as it is applied; the second, the least its placement costs.
+
     python benchmarks/models.py                 # table and JSON in outputs/
     python benchmarks/models.py --update-docs   # also rewrites docs/benchmarks.md and README.md
     python benchmarks/models.py --render outputs/benchmarks/models.json   # docs from an earlier run
@@ -23,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 # This folder holds a script named like the package: take it off the path before importing.
@@ -40,6 +47,8 @@ from ssm2d.ops import (  # noqa: E402
 
 sys.path.append(str(_HERE))
 from _report import ROOT, markdown_table, report, run_header, update_docs_and_readme  # noqa: E402
+
+from ssm2d.layers import SSM2D  # noqa: E402
 
 PAIRS = [
     ("vit_sd_32", "vit_sd_32_ssm2d"),
@@ -147,6 +156,70 @@ def breakdown(model_name: str, batch: int, reps: int) -> dict[str, float]:
     return {"model": model_name, "batch": batch, "method": method, **dict(zip(parts, times, strict=True))}
 
 
+class ConvOnly(nn.Module):
+    """A 2-D SSM layer's convolution alone on one grid, its kernel (and skip) prepared once."""
+
+    def __init__(self, layer: SSM2D, grid: tuple[int, int]) -> None:
+        super().__init__()
+        ksize = layer.kernel_grid(grid)
+        self.method, self.shape = choose_conv_method(grid, ksize, backward=False), fft_shape(grid, ksize)
+        with torch.no_grad():
+            kernels = layer.kernels(ksize)
+            if self.method == "direct":  # the skip as the center tap, as the layer does
+                self.prepared = fold_directions(kernels, layer.omega)
+            else:
+                self.prepared = kernel_spectrum(fold_directions(kernels), self.shape)
+        self.omega = None if self.method == "direct" else layer.omega.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.method == "direct":
+            return direct_conv2d(x, self.prepared)
+        return fft_conv2d(x, self.prepared, self.shape) + x * self.omega
+
+
+def replace_layers(model: nn.Module, make: Callable[[SSM2D, tuple[int, int]], nn.Module], x: torch.Tensor) -> None:
+    """Swap every SSM2D of `model` for make(layer, grid), the grid it sees on input x."""
+    grids: dict[SSM2D, tuple[int, int]] = {}
+
+    def record(layer: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        grids.setdefault(layer, tuple(args[0].shape[1:3]))
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, SSM2D)]
+    with torch.no_grad():
+        model.eval()(x)
+    for hook in hooks:
+        hook.remove()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, SSM2D):
+                setattr(parent, name, make(child, grids[child]))
+
+
+def inference_floor(base_name: str, ssm_name: str, batch: int, reps: int) -> dict:
+    """Inference ms of the baseline, the +2-D SSM model, its layers as convolutions alone, and
+    its layers as identities, timed in alternation."""
+    torch.manual_seed(0)
+    models = [ssm2d.create_model(name) for name in (base_name, ssm_name, ssm_name, ssm_name)]
+    c, h, w = models[0].pretrained_cfg["input_size"]
+    x = torch.randn(batch, c, h, w)
+    replace_layers(models[2], ConvOnly, x)
+    replace_layers(models[3], lambda layer, grid: nn.Identity(), x)
+    times = alternate([infer_fn(m, x) for m in models], reps)
+    print(f"{ssm_name} inference floor (batch {batch}, ms): " + ", ".join(f"{t:.1f}" for t in times))
+    return {"model": ssm_name, "batch": batch, **dict(zip(("baseline", "model_ms", "conv_only", "identity"), times))}
+
+
+def floor_lines(floors: list[dict]) -> list[str]:
+    lines = []
+    for f in floors:
+        base = f["baseline"]
+        lines.append(
+            f"- `{f['model']}`: {f['model_ms'] / base:.2f}x; convolutions alone {f['conv_only'] / base:.2f}x; "
+            f"identities {f['identity'] / base:.2f}x"
+        )
+    return lines
+
+
 def rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
     header = ["model", "baseline", "input", "batch", "train ms", "baseline ms", "train ratio", "infer ms",
               "baseline ms", "infer ratio"]  # fmt: skip
@@ -191,6 +264,13 @@ def markdown(payload: dict) -> str:
         "hundreds of small operations, per-operation overhead rather than arithmetic, which larger batches spread "
         "over more images. Timings on this VM vary by up to 2x from run to run.",
         "",
+        f"Inference floor (batch {TARGET_BATCH}, times over the baseline's, measured in the same run): the model "
+        "as it is; with each 2-D SSM layer cut down to its convolution alone (kernel and skip prepared once, on "
+        "the path the cost model picks); and with each layer replaced by the identity, which leaves the cost of "
+        "the placement (in ConvNeXt, where the layer replaces the depthwise convolution, the identity removes that "
+        f"too). Medians of {payload['floor_reps']} alternating repetitions.",
+        *floor_lines(payload["floors"]),
+        "",
         f"Targets (batch {TARGET_BATCH}):",
         *target_lines(payload["results"]),
         "",
@@ -228,11 +308,14 @@ def main() -> None:
     results = run(pairs, args.batches, args.reps)
     parts = breakdown(pairs[0][1], args.batches[0], args.reps)
     print("breakdown (ms):", {k: round(v, 2) if isinstance(v, float) else v for k, v in parts.items()})
+    floor_reps = 2 * args.reps  # inference only: twice the repetitions cost little
     payload = {
         **run_header("models"),
         "reps": args.reps,
         "results": results,
         "breakdown": parts,
+        "floor_reps": floor_reps,
+        "floors": [inference_floor(base, ssm, TARGET_BATCH, floor_reps) for base, ssm in pairs],
     }
     report(payload, rows(results), target_lines(results), args.json, update_docs if args.update_docs else None)
 
