@@ -157,24 +157,24 @@ def breakdown(model_name: str, batch: int, reps: int) -> dict[str, float]:
 
 
 class ConvOnly(nn.Module):
-    """A 2-D SSM layer's convolution alone on one grid, its kernel (and skip) prepared once."""
+    """A 2-D SSM layer's convolution alone on one grid, with the kernel the layer itself prepares
+    (and caches) for inference, prepared once: what the layer's forward does, without its
+    per-call checks."""
 
     def __init__(self, layer: SSM2D, grid: tuple[int, int]) -> None:
         super().__init__()
         ksize = layer.kernel_grid(grid)
         self.method, self.shape = choose_conv_method(grid, ksize, backward=False), fft_shape(grid, ksize)
         with torch.no_grad():
-            kernels = layer.kernels(ksize)
-            if self.method == "direct":  # the skip as the center tap, as the layer does
-                self.prepared = fold_directions(kernels, layer.omega)
-            else:
-                self.prepared = kernel_spectrum(fold_directions(kernels), self.shape)
-        self.omega = None if self.method == "direct" else layer.omega.detach()
+            self.prepared = layer.eval()._prepared_kernel(grid, self.method, params_need_grad=False)
+        # the direct path's kernel holds the skip as its center tap; the FFT path adds it
+        self.omega = layer.omega.detach() if self.method == "fft" and layer.omega is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.method == "direct":
             return direct_conv2d(x, self.prepared)
-        return fft_conv2d(x, self.prepared, self.shape) + x * self.omega
+        y = fft_conv2d(x, self.prepared, self.shape)
+        return y if self.omega is None else y + x * self.omega
 
 
 def replace_layers(model: nn.Module, make: Callable[[SSM2D, tuple[int, int]], nn.Module], x: torch.Tensor) -> None:
