@@ -166,7 +166,7 @@ class ConvOnly(nn.Module):
         ksize = layer.kernel_grid(grid)
         self.method, self.shape = choose_conv_method(grid, ksize, backward=False), fft_shape(grid, ksize)
         with torch.no_grad():
-            self.prepared = layer.eval()._prepared_kernel(grid, self.method, params_need_grad=False)
+            self.prepared = layer._prepared_kernel(grid, self.method, params_need_grad=False)
         # the direct path's kernel holds the skip as its center tap; the FFT path adds it
         self.omega = layer.omega.detach() if self.method == "fft" and layer.omega is not None else None
 

@@ -24,7 +24,6 @@ from .tagged import NO_WEIGHT_DECAY, TaggedModule
 __all__ = ["S4ND"]
 
 
-
 def _check_rate(rate: float) -> float:
     if not isinstance(rate, numbers.Real) or isinstance(rate, bool) or not (0 < rate < math.inf):
         raise ValueError(f"rate: expected a finite number > 0 (base resolution / current resolution), got {rate!r}")
@@ -142,7 +141,6 @@ class S4ND(TaggedModule):
         # Spec 1.1: A, B and dt get no weight decay (S4 convention); so does the skip D. C decays.
         for p in (self.log_dt, self.log_A_real, self.A_imag, self.B, self.D):
             p._optim = NO_WEIGHT_DECAY
-
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

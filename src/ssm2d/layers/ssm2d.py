@@ -30,7 +30,6 @@ from .tagged import NO_WEIGHT_DECAY, TaggedModule
 __all__ = ["SSM2D"]
 
 
-
 def _pair_or_none(kernel_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
     if kernel_size is None:
         return None
@@ -137,7 +136,6 @@ class SSM2D(TaggedModule):
     def _tag_parameters(self) -> None:
         for p in self._ssm_parameters():
             p._optim = NO_WEIGHT_DECAY  # spec section 4: A, B, C and omega skip weight decay
-
 
     def _ssm_parameters(self) -> list[nn.Parameter]:
         names = ("a_raw", "a_radius_raw", "a_angle_raw", "b_raw", "c_raw", "omega")

@@ -89,7 +89,6 @@ class _ScanPass(TaggedModule):
         for p in (self.A_log, self.D, self.dt_proj.bias):
             p._optim = NO_WEIGHT_DECAY  # Mamba (spec 2.1): A, D and the dt bias skip weight decay
 
-
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Mamba defaults (spec 2.1): PyTorch's conv and x_proj init, dt from logU[1e-3, 0.1],

@@ -90,7 +90,6 @@ class VimMixer(TaggedModule):
             for p in (getattr(self, a_log), getattr(self, d), getattr(self, dt_proj).bias):
                 p._optim = NO_WEIGHT_DECAY  # Mamba (spec 2.1): A, D and the dt bias skip weight decay
 
-
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Mamba defaults (spec 2.1): PyTorch's Linear and conv init, dt from logU[1e-3, 0.1],
