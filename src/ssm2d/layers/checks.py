@@ -22,7 +22,7 @@ def check_grid_input(x: Tensor, dim: int, name: str = "x") -> None:
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if not (x.is_floating_point() or x.is_complex()):
+    if not x.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
     if x.ndim != 4 or x.shape[-1] != dim:
         raise ValueError(f"{name}: expected shape (B, H, W, C) with C={dim}, got {tuple(x.shape)}")
