@@ -50,10 +50,10 @@ log = logging.getLogger("ssm2d.train")
 RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt")
 # Keys that must agree between a checkpoint and the run resuming from it.
 _RESUME_KEYS = ("model", "model_kwargs", "dataset", "img_size", "train_fraction", "seed", "repeated_aug")
-# What defines the learning-rate schedule and the data per step: config keys, then the facts of
-# the run (`_Run.run_record`). A resume that changes any of them needs `allow_schedule_change`.
+# What defines the learning-rate schedule and the data per step: these config keys, and the facts
+# of the run in `_Run.run_record` (world size, global batch, steps per epoch). A resume that
+# changes any of them needs `allow_schedule_change`.
 _SCHEDULE_KEYS = ("epochs", "lr", "min_lr", "warmup_epochs", "warmup_lr", "batch_size")
-_RUN_KEYS = ("world_size", "global_batch", "steps_per_epoch")
 
 
 def model_args(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
@@ -80,7 +80,7 @@ def build_model(name: str, args: dict[str, Any]) -> nn.Module:
     except TypeError as err:
         if "keyword argument" not in str(err):
             raise
-        raise ConfigError(f"model_kwargs: {name} does not take {sorted(args)} ({err})") from err
+        raise ConfigError(f"model_kwargs: {name}: {err}") from err
 
 
 def check_run_folder(out: Path, resume: bool) -> None:
@@ -199,7 +199,7 @@ class _Run:
         return state
 
     def schedule(self) -> dict[str, Any]:
-        """What defines this run's schedule: `_SCHEDULE_KEYS` of the config and `_RUN_KEYS`."""
+        """What defines this run's schedule: `_SCHEDULE_KEYS` of the config and the run record."""
         return {**{k: getattr(self.cfg, k) for k in _SCHEDULE_KEYS}, **self.run_record}
 
     def resume(self, path: Path, allow_schedule_change: bool) -> dict[str, Any]:
