@@ -92,7 +92,7 @@ def test_missing_and_malformed_files(tmp_path):
 def test_a_runs_config_yaml_reads_back(tmp_path):
     """A run's config.yaml adds a `run:` record (world size, global batch, steps per epoch),
     which reading the file back as a config ignores; any other unknown key is still refused."""
-    cfg = TrainConfig(epochs=7, lr=3e-4, dist_timeout_minutes=5)
+    cfg = TrainConfig(epochs=17, lr=3e-4, dist_timeout_minutes=5)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({**cfg.to_dict(), "run": {"world_size": 2, "global_batch": 256}}))
     assert load_config(path) == cfg
