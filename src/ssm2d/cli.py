@@ -2,6 +2,11 @@
 
 `train` and `compare` read a YAML config (see `configs/`) and take any config key as a
 `--key-name value` override on top of it; `ssm2d train --help` lists the common ones.
+
+Errors of the input or the environment (the package's `Ssm2dError`s, and OS errors on a file:
+read-only folder, full disk) are reported as one line, `ssm2d COMMAND: error: ...`, on stderr
+with exit code 1 (command-line syntax errors: argparse's message and exit code 2). Any other
+exception is a bug and keeps its traceback; SSM2D_TRACEBACK=1 shows the traceback of all.
 """
 
 from __future__ import annotations
@@ -20,12 +25,9 @@ from typing import Any
 
 import torch
 
-from .data import DatasetError
+from .errors import ConfigError, Ssm2dError
 from .layers import SSM2D
 from .train import (
-    CheckpointError,
-    ConfigError,
-    NonFiniteLossError,
     TrainConfig,
     compare,
     evaluate_checkpoint,
@@ -37,20 +39,28 @@ from .train import (
 )
 from .viz import layer_kernel_panels, model_kernel_panels, save_kernel_heatmaps
 
-# Errors that mean "the input was wrong": reported in one line, without a traceback (unless
-# SSM2D_TRACEBACK=1). ValueError and TypeError come from bad model names and model_kwargs.
-_USER_ERRORS = (ConfigError, DatasetError, CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError, TypeError)
-
 # Config keys with their own documented flag; every other config key is accepted as --key-name.
 _TRAIN_FLAGS = ("model", "dataset", "data_dir", "epochs", "batch_size", "lr", "train_fraction", "seed", "output")
 _OTHER_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in _TRAIN_FLAGS)
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return value
+
+
+def _one_line(err: BaseException) -> str | None:
+    """The one-line report of an error of the input or the environment; None for a bug."""
+    if isinstance(err, Ssm2dError):
+        return str(err)
+    if isinstance(err, OSError) and err.filename is not None:  # a file or folder the command uses
+        return f"{err.filename}: {err.strerror or err}"
+    return None
 
 
 def _tune_allocator() -> None:
@@ -95,7 +105,7 @@ def _setup_logging() -> None:
 
 def _train(args: argparse.Namespace, extra: list[str]) -> None:
     cfg = load_config(args.config, _overrides(args, extra))
-    summary = train(cfg, resume=args.resume)
+    summary = train(cfg, resume=args.resume, allow_schedule_change=args.allow_schedule_change)
     if int(os.environ.get("RANK", "0")) == 0:
         final = summary["final"]
         print(json.dumps({"output": summary["output"], "best_acc1": summary["best_acc1"], **final}))
@@ -107,7 +117,10 @@ def _compare(args: argparse.Namespace, extra: list[str]) -> None:
     seeds = [int(s) for s in args.seeds.split(",") if s]
     is_main = int(os.environ.get("RANK", "0")) == 0
     command = "ssm2d " + " ".join(args.argv)
-    result = compare(cfg, models, seeds, resume=args.resume, is_main=is_main, command=command)
+    result = compare(
+        cfg, models, seeds, resume=args.resume, allow_schedule_change=args.allow_schedule_change, is_main=is_main,
+        command=command,
+    )  # fmt: skip
     if is_main:
         print(result["table"], end="")
         print(f"wrote {Path(cfg.output) / 'compare.md'}, compare.json and compare.png")
@@ -159,7 +172,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-fraction", type=float, help="class-balanced subset of the training set, in (0, 1]")
     p.add_argument("--seed", type=int)
     p.add_argument("--output", help="folder for config.yaml, metrics.jsonl, last.pt, best.pt")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt when it exists")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUTPUT from its last.pt")
+    p.add_argument(
+        "--allow-schedule-change", action="store_true",
+        help="with --resume: accept other epochs, lr, warm-up, min lr, batch size or number of processes "
+        "than the run was started with (the new schedule continues from the same step)",
+    )  # fmt: skip
     for name in _OTHER_KEYS:  # the rest of TrainConfig, read by the key's type in _overrides
         p.add_argument("--" + name.replace("_", "-"), dest=name, metavar="VALUE", help=argparse.SUPPRESS)
 
@@ -216,9 +234,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     _tune_allocator()
     try:
         args.func(args, extra)
-    except _USER_ERRORS as err:
-        if os.environ.get("SSM2D_TRACEBACK") == "1":
+    except (Ssm2dError, OSError) as err:
+        message = _one_line(err)
+        if message is None or os.environ.get("SSM2D_TRACEBACK") == "1":
             raise
-        sys.exit(f"ssm2d {args.command}: error: {err}")
+        sys.exit(f"ssm2d {args.command}: error: {message}")
     finally:
         shutdown_distributed()

@@ -89,6 +89,19 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(listy)
 
 
+def test_a_runs_config_yaml_reads_back(tmp_path):
+    """A run's config.yaml adds a `run:` record (world size, global batch, steps per epoch),
+    which reading the file back as a config ignores; any other unknown key is still refused."""
+    cfg = TrainConfig(epochs=17, lr=3e-4, dist_timeout_minutes=5)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({**cfg.to_dict(), "run": {"world_size": 2, "global_batch": 256}}))
+    assert load_config(path) == cfg
+    assert TrainConfig.from_dict(yaml.safe_load(path.read_text())) == cfg
+    path.write_text(yaml.safe_dump({**cfg.to_dict(), "run": 3}))
+    with pytest.raises(ConfigError, match="unknown keys run"):
+        load_config(path)
+
+
 def test_parse_override_types():
     assert parse_override("lr", "1e-3") == 1e-3  # YAML 1.1 would read this as a string
     assert parse_override("epochs", "12") == 12

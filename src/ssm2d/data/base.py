@@ -12,14 +12,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..errors import DatasetError
+
 __all__ = ["ArrayDataset", "DatasetError", "DatasetInfo", "to_size"]
-
-
-class DatasetError(RuntimeError):
-    """A data set is missing or corrupt.
-
-    The message says what was expected where, and how to get it.
-    """
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Literal
 
 from torch.utils.data import Dataset
 
-from .base import DatasetInfo, to_size
+from .base import DatasetError, DatasetInfo, to_size
 from .cifar import cifar_info, load_cifar
 from .folder import folder_info, load_folder
 from .idx import idx_info, load_idx
@@ -43,6 +43,8 @@ def dataset_info(
         DatasetError: if the data set is missing, incomplete or its headers disagree.
     """
     root = None if data_dir is None else Path(data_dir).expanduser()
+    if root is not None and root.exists() and not root.is_dir():
+        raise DatasetError(f"data_dir: {root} is a file, expected a folder holding the {name} files")
     size = None if img_size is None else to_size(img_size, "img_size")
     if name in ("fashion_mnist", "mnist"):
         return idx_info(name, root, size)

@@ -12,6 +12,7 @@ from timm.data.transforms import str_to_pil_interp
 from torchvision import transforms as T
 from torchvision.transforms import AutoAugmentPolicy, InterpolationMode
 
+from ..errors import ConfigError
 from .base import DatasetInfo, to_size
 
 __all__ = ["AUTO_AUGMENT_POLICIES", "INTERPOLATIONS", "RE_MODES", "TIMM_AUTO_AUGMENT", "build_transform"]
@@ -59,7 +60,7 @@ def _auto_augment(spec: str, info: DatasetInfo, size: tuple[int, int], interpola
         return T.AutoAugment(AutoAugmentPolicy(spec), interpolation=InterpolationMode(interpolation), fill=list(fill))
     kind = spec.split("-")[0]
     if kind not in TIMM_AUTO_AUGMENT:
-        raise ValueError(f"auto_augment: expected {_AUTO_AUGMENT_HELP}, got {spec!r}")
+        raise ConfigError(f"auto_augment: expected {_AUTO_AUGMENT_HELP}, got {spec!r}")
     hparams = dict(
         translate_const=int(min(size) * 0.45),  # timm's default (timm.data.create_transform)
         img_mean=fill[0] if len(fill) == 1 else fill,
@@ -69,7 +70,7 @@ def _auto_augment(spec: str, info: DatasetInfo, size: tuple[int, int], interpola
     try:
         augment = build(spec, hparams)
     except (AssertionError, ValueError, KeyError) as e:  # timm's parsers reject bad strings this way
-        raise ValueError(f"auto_augment: {spec!r} is not a valid timm augmentation string ({e})") from e
+        raise ConfigError(f"auto_augment: {spec!r} is not a valid timm augmentation string ({e})") from e
     return _use_own_posterize(augment)
 
 

@@ -19,7 +19,7 @@ from einops import rearrange
 from torch import Tensor
 
 from ..ops import sp_attention, sp_attention_ref, spatial_prior, spatial_prior_ref
-from .checks import check_positive_ints
+from .checks import check_grid_input, check_positive_ints
 from .grid import grid_to_tokens, tokens_to_grid
 from .placement import GridSize
 
@@ -156,8 +156,7 @@ class SPAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, H, W, C) -> (B, H, W, C)."""
-        if x.ndim != 4 or x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected shape (B, H, W, C) with C={self.dim}, got {tuple(x.shape)}")
+        check_grid_input(x, self.dim)
         _, height, width, _ = x.shape
         tokens = rearrange(x, "b y x c -> b (y x) c")  # (B, L, C), row-major as the prior
         q, k = rearrange(self.qk(tokens), "b l (two h d) -> two b h l d", two=2, h=self.num_heads)

@@ -24,7 +24,7 @@ from ..ops import (
     roesser_kernel,
     roesser_kernel_ref,
 )
-from .checks import check_positive_ints
+from .checks import check_grid_input, check_positive_ints
 from .tagged import NO_WEIGHT_DECAY, TaggedModule
 
 __all__ = ["SSM2D"]
@@ -251,8 +251,7 @@ class SSM2D(TaggedModule):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, H, W, C) -> (B, H, W, C)."""
-        if x.ndim != 4 or x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected shape (B, H, W, C) with C={self.dim}, got {tuple(x.shape)}")
+        check_grid_input(x, self.dim)
         grid = (x.shape[1], x.shape[2])
         ksize = self.kernel_grid(grid)
         params_need_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self._ssm_parameters())

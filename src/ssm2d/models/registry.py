@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 import timm
 import torch.nn as nn
 
+from ..errors import ConfigError
+
 __all__ = ["create_model", "list_models", "register_model", "register_variants"]
 
 _NAMES: set[str] = set()
@@ -57,5 +59,5 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
     if name not in _NAMES and not timm.is_model(name):
         close = difflib.get_close_matches(name, sorted(_NAMES), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"name: unknown model {name!r}{hint} (ssm2d.list_models() lists ssm2d's models)")
+        raise ConfigError(f"name: unknown model {name!r}{hint} (ssm2d.list_models() lists ssm2d's models)")
     return timm.create_model(name, pretrained=pretrained, **kwargs)

@@ -8,16 +8,13 @@ from typing import Any
 
 import torch
 
+from ..errors import CheckpointError
 from .io import write_bytes_atomic
 
 __all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
 
 # Keys every checkpoint of `ssm2d train` holds.
 REQUIRED_KEYS = ("config", "epoch", "model")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file that is missing, unreadable or not one of ssm2d's."""
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:

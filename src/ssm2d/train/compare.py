@@ -12,6 +12,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ..errors import ConfigError
 from .config import TrainConfig
 from .io import write_text_atomic
 from .trainer import train
@@ -82,6 +83,7 @@ def compare(
     models: list[str],
     seeds: list[int],
     resume: bool = False,
+    allow_schedule_change: bool = False,
     is_main: bool = True,
     command: str | None = None,
 ) -> dict[str, Any]:
@@ -92,14 +94,17 @@ def compare(
     command line that asked for the comparison, is recorded in both files when given.
     """
     if not models:
-        raise ValueError("models: expected at least one model name, got none")
+        raise ConfigError("models: expected at least one model name, got none")
     if not seeds:
-        raise ValueError("seeds: expected at least one seed, got none")
+        raise ConfigError("seeds: expected at least one seed, got none")
     out = Path(cfg.output)
     rows = []
     for model in models:
         runs = [
-            train(dataclasses.replace(cfg, model=model, seed=seed, output=str(out / model / f"seed{seed}")), resume)
+            train(
+                dataclasses.replace(cfg, model=model, seed=seed, output=str(out / model / f"seed{seed}")), resume,
+                allow_schedule_change,
+            )  # fmt: skip
             for seed in seeds
         ]
         rows.append(_summarize(model, runs))

@@ -17,12 +17,13 @@ from typing import Any
 import yaml
 
 from ..data import DATASETS
+from ..errors import ConfigError
 
-__all__ = ["ConfigError", "TrainConfig", "load_config", "parse_override"]
+__all__ = ["RUN_RECORD_KEY", "ConfigError", "TrainConfig", "load_config", "parse_override"]
 
-
-class ConfigError(ValueError):
-    """A configuration file or override that cannot be used, with what was expected."""
+# The mapping a run adds to its config.yaml (world size, global batch, steps per epoch): a record
+# of the run, not a setting; reading a config.yaml back ignores it.
+RUN_RECORD_KEY = "run"
 
 
 @dataclass
@@ -51,6 +52,8 @@ class TrainConfig:
         workers: data loader worker processes per training process.
         amp: "auto" (bf16 autocast on CUDA, none on CPU), "bf16" or "none".
         device: "auto", "cpu" or "cuda".
+        dist_timeout_minutes: under torchrun, a collective that waits longer than this (a process
+            died or hangs) fails instead of waiting for ever.
         seed: seeds the model's initialization, the data order and every augmentation.
         output: the run's folder (config.yaml, metrics.jsonl, last.pt, best.pt).
     """
@@ -85,6 +88,7 @@ class TrainConfig:
     workers: int = 2
     amp: str = "auto"
     device: str = "auto"
+    dist_timeout_minutes: float = 30.0
     seed: int = 0
     output: str = "outputs/run"
 
@@ -119,6 +123,7 @@ class TrainConfig:
             ("workers", self.workers >= 0, "an integer >= 0"),
             ("amp", self.amp in ("auto", "bf16", "none"), "one of 'auto', 'bf16', 'none'"),
             ("device", self.device in ("auto", "cpu", "cuda"), "one of 'auto', 'cpu', 'cuda'"),
+            ("dist_timeout_minutes", self.dist_timeout_minutes > 0, "a number > 0"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -129,8 +134,18 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
-        """Build from a mapping, checking names, types and ranges; `source` names it in errors."""
-        return cls(**_checked(values, source))
+        """Build from a mapping, checking names, types and ranges; `source` names it in errors.
+
+        A `run` mapping (the record a run adds to its config.yaml) is ignored.
+        """
+        return cls(**_checked(_without_run_record(values), source))
+
+
+def _without_run_record(values: Any) -> Any:
+    """`values` without the `RUN_RECORD_KEY` mapping of a run's config.yaml."""
+    if isinstance(values, dict) and isinstance(values.get(RUN_RECORD_KEY), dict):
+        return {k: v for k, v in values.items() if k != RUN_RECORD_KEY}
+    return values
 
 
 def _checked(values: Any, source: str) -> dict[str, Any]:
@@ -216,6 +231,6 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
             raise ConfigError(f"config: {path} is not valid YAML: {err}") from err
-        values.update(_checked(loaded or {}, str(path)))
+        values.update(_checked(_without_run_record(loaded or {}), str(path)))
     values.update(_checked(overrides or {}, "overrides"))
     return TrainConfig(**values)

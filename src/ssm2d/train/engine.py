@@ -8,17 +8,15 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .distributed import all_reduce_sum
+from ..errors import NonFiniteLossError
+from .distributed import all_reduce_sum, count_processes
 
 __all__ = ["NonFiniteLossError", "evaluate", "train_one_epoch"]
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite; training stopped before the optimizer step."""
 
 
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
@@ -47,17 +45,20 @@ def train_one_epoch(
     clip_grad: float | None = None,
     show_progress: bool = False,
     desc: str = "train",
+    epoch: int | None = None,
 ) -> float:
     """Train for one pass over `loader` (`steps` batches) and return the mean training loss.
 
     `on_step` is called after every optimizer step (the learning-rate schedule). The mean is
-    over all samples of all processes.
+    over all samples of all processes. `epoch` (1-based) is named in the error below.
 
     Raises:
-        NonFiniteLossError: the loss of a batch is NaN or infinite (checked before the update,
-            so the model and optimizer still hold the last finite step).
+        NonFiniteLossError: the loss of a batch is NaN or infinite on any process (checked
+            before the update, so the model and optimizer still hold the last finite step).
+            Every process raises it, with the same message, at the same step.
     """
     model.train()
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, samples)
     bar = _progress(loader, steps, desc, show_progress)
     for step, (images, targets) in enumerate(bar):
@@ -66,9 +67,15 @@ def train_one_epoch(
             images, targets = mixup(images, targets)
         with autocast(device, amp):
             loss = criterion(model(images), targets)
-        if not math.isfinite(loss.item()):
+        value = loss.item()
+        # A collective at every step: one process stopping alone would leave the others waiting in
+        # the gradient all-reduce until the process group's timeout.
+        bad = count_processes(not math.isfinite(value), device)
+        if bad:
+            where = f"{value}" if not distributed else f"not finite on {bad} of {dist.get_world_size()} processes"
+            when = f"epoch {epoch}, step {step + 1} of {steps}" if epoch is not None else f"step {step + 1} of {steps}"
             raise NonFiniteLossError(
-                f"training loss is {loss.item()} at step {step + 1} of {steps}; stopped before the update. "
+                f"training loss is {where} at {when}; stopped before the update. "
                 "Lower --lr, set --clip-grad, or check the input data"
             )
         optimizer.zero_grad(set_to_none=True)
@@ -77,9 +84,9 @@ def train_one_epoch(
             nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
         optimizer.step()
         on_step()
-        total += torch.tensor([loss.item() * images.shape[0], images.shape[0]], dtype=torch.float64, device=device)
+        total += torch.tensor([value * images.shape[0], images.shape[0]], dtype=torch.float64, device=device)
         if show_progress:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{value:.4f}")
     total = all_reduce_sum(total)
     return (total[0] / total[1]).item()
 

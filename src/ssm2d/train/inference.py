@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -10,12 +11,13 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from ..data import build_dataset, build_transform, dataset_info
+from ..errors import ConfigError
 from .checkpoint import load_checkpoint
 from .distributed import resolve_device
 from .engine import evaluate
 from .trainer import build_model
 
-__all__ = ["evaluate_checkpoint", "load_trained_model"]
+__all__ = ["check_img_size", "evaluate_checkpoint", "load_trained_model"]
 
 
 def load_trained_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -24,6 +26,27 @@ def load_trained_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     model = build_model(state["config"]["model"], state["model_args"])
     model.load_state_dict(state["model"])
     return model.eval(), state
+
+
+def check_img_size(model: nn.Module, img_size: int) -> None:
+    """Refuse an input size that the model's patch embedding cannot tile.
+
+    Raises:
+        ConfigError: `img_size` is not a multiple of the patch size; the message gives the
+            nearest valid sizes.
+    """
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is None:
+        return
+    ph, pw = (patch, patch) if isinstance(patch, int) else patch
+    step = math.lcm(int(ph), int(pw))
+    if img_size % step:
+        below, above = img_size // step * step, (img_size // step + 1) * step
+        near = f"{below} or {above}" if below else f"{above}"
+        raise ConfigError(
+            f"--img-size: {img_size} is not a multiple of the model's patch size {ph}x{pw}; valid sizes are the "
+            f"multiples of {step}, e.g. {near}"
+        )
 
 
 def evaluate_checkpoint(
@@ -42,6 +65,9 @@ def evaluate_checkpoint(
         dataset, data_dir: the data set (default: the one the model was trained on).
         img_size: evaluate at this input size (default: the training size); any size the model
             accepts, e.g. another multiple of the patch size for ViT.
+
+    Raises:
+        ConfigError: the data set has another number of classes, or the model cannot take `img_size`.
     """
     model, state = load_trained_model(path)
     cfg = state["config"]
@@ -50,10 +76,12 @@ def evaluate_checkpoint(
     info = dataset_info(dataset, data_dir)
     num_classes = state["model_args"]["num_classes"]
     if info.num_classes != num_classes:
-        raise ValueError(
+        raise ConfigError(
             f"dataset: the model has {num_classes} classes, but {dataset} at {info.root} has {info.num_classes}"
         )
     size = img_size if img_size is not None else cfg["img_size"]
+    if size is not None:
+        check_img_size(model, size)
     val_set = build_dataset(info, "val", build_transform(info, False, size))
     dev = resolve_device(device)
     loader = DataLoader(val_set, batch_size, num_workers=workers)

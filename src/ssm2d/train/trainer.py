@@ -1,9 +1,13 @@
 """`ssm2d train`: build data, model and recipe from a `TrainConfig`, train, evaluate, checkpoint.
 
-A run's folder holds `config.yaml` (the resolved config), `metrics.jsonl` (one object per
-evaluated epoch), `last.pt` (after every epoch) and `best.pt` (best validation top-1). Every file
-is written atomically by process 0 only. Each epoch reseeds every random generator from (seed,
-epoch, rank), so a run resumed from `last.pt` continues exactly as an uninterrupted one.
+A run's folder holds `config.yaml` (the resolved config, and under `run:` the world size, global
+batch and steps per epoch), `metrics.jsonl` (one object per evaluated epoch), `last.pt` (after
+every epoch) and `best.pt` (best validation top-1). Every file is written atomically by process 0
+only, best.pt before the last.pt that records it. A folder holding any of these files is a run:
+only `--resume` continues it, and only with the schedule it was trained with (unless
+`allow_schedule_change`). Each epoch reseeds every random generator (torch, numpy, random, the
+data loader's workers, MixUp) from (seed, epoch, rank), so a run resumed from `last.pt` continues
+exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -33,17 +37,23 @@ from ..data import DatasetInfo, build_dataset, build_transform, class_balanced_s
 from ..models import create_model
 from ..optim import param_groups
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import ConfigError, TrainConfig
+from .config import RUN_RECORD_KEY, ConfigError, TrainConfig
 from .distributed import DistEnv, ShardSampler, init_distributed
 from .engine import evaluate, train_one_epoch
-from .io import write_text_atomic
+from .io import remove_stale_temporaries, write_text_atomic
 
 __all__ = ["build_model", "train"]
 
 log = logging.getLogger("ssm2d.train")
 
+# The files of a run's folder; a folder holding any of them is an existing run.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt")
 # Keys that must agree between a checkpoint and the run resuming from it.
-_RESUME_KEYS = ("model", "model_kwargs", "dataset", "img_size", "batch_size", "train_fraction", "seed", "repeated_aug")
+_RESUME_KEYS = ("model", "model_kwargs", "dataset", "img_size", "train_fraction", "seed", "repeated_aug")
+# What defines the learning-rate schedule and the data per step: these config keys, and the facts
+# of the run in `_Run.run_record` (world size, global batch, steps per epoch). A resume that
+# changes any of them needs `allow_schedule_change`.
+_SCHEDULE_KEYS = ("epochs", "lr", "min_lr", "warmup_epochs", "warmup_lr", "batch_size")
 
 
 def model_args(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
@@ -55,13 +65,37 @@ def model_args(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
 
 
 def build_model(name: str, args: dict[str, Any]) -> nn.Module:
-    """`create_model(name, **args)`; a model without a fixed input size (ConvNeXt) takes no img_size."""
+    """`create_model(name, **args)`; a model without a fixed input size (ConvNeXt) takes no img_size.
+
+    Raises:
+        ConfigError: `name` is not a model, or the model class does not take a keyword of `args`.
+    """
     try:
-        return create_model(name, **args)
+        try:
+            return create_model(name, **args)
+        except TypeError as err:
+            if "img_size" not in str(err):
+                raise
+        return create_model(name, **{k: v for k, v in args.items() if k != "img_size"})
     except TypeError as err:
-        if "img_size" not in str(err):
+        if "keyword argument" not in str(err):
             raise
-    return create_model(name, **{k: v for k, v in args.items() if k != "img_size"})
+        raise ConfigError(f"model_kwargs: {name}: {err}") from err
+
+
+def check_run_folder(out: Path, resume: bool) -> None:
+    """Refuse an `--output` that is a file, or that already holds a run when not resuming.
+
+    An existing folder holding none of `RUN_FILES` (e.g. an empty one) is fine. Writes nothing.
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output: {out} is a file, expected a folder for the run's files")
+    present = [name for name in RUN_FILES if (out / name).exists()] if out.is_dir() else []
+    if present and not resume:
+        raise ConfigError(
+            f"--output: {out} already holds a run ({', '.join(present)}); pass --resume to continue it, "
+            "or choose a fresh --output"
+        )
 
 
 def _seed_everything(seed: int, epoch: int, rank: int) -> int:
@@ -116,6 +150,7 @@ class _Run:
         )  # fmt: skip
         self.steps = len(self.train_loader)
         self.val_steps = len(self.val_loader)
+        self.run_record = {"world_size": env.world_size, "global_batch": global_batch, "steps_per_epoch": self.steps}
 
         torch.manual_seed(cfg.seed)
         self.model_args = model_args(cfg, self.info)
@@ -157,18 +192,35 @@ class _Run:
         state = {
             "config": self.cfg.to_dict(), "epoch": self.epoch, "model": self.model.state_dict(),
             "model_args": self.model_args, "classes": list(self.info.classes), "best": self.best,
-            "history": self.history, "updates": self.updates,
+            "history": self.history, "updates": self.updates, "run": self.run_record,
         }  # fmt: skip
         if with_optimizer:
             state["optimizer"] = self.optimizer.state_dict()
         return state
 
-    def resume(self, path: Path) -> None:
+    def schedule(self) -> dict[str, Any]:
+        """What defines this run's schedule: `_SCHEDULE_KEYS` of the config and the run record."""
+        return {**{k: getattr(self.cfg, k) for k in _SCHEDULE_KEYS}, **self.run_record}
+
+    def resume(self, path: Path, allow_schedule_change: bool) -> dict[str, Any]:
+        """Continue from the checkpoint at `path` after checking its settings; returns it."""
         state = load_checkpoint(path)
         differ = [k for k in _RESUME_KEYS if state["config"].get(k) != getattr(self.cfg, k)]
         if differ:
             pairs = ", ".join(f"{k}: {state['config'].get(k)!r} -> {getattr(self.cfg, k)!r}" for k in differ)
             raise ConfigError(f"--resume: {path} was trained with other settings ({pairs}); use a new --output")
+        # A checkpoint of an older ssm2d lacks the run record: its keys are not checked.
+        recorded = {**{k: state["config"].get(k) for k in _SCHEDULE_KEYS}, **state.get("run", {})}
+        changed = [(k, recorded[k], v) for k, v in self.schedule().items() if k in recorded and recorded[k] != v]
+        if changed:
+            pairs = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changed)
+            if not allow_schedule_change:
+                raise ConfigError(
+                    f"--resume: {path} was trained with another schedule ({pairs}); resume with the same "
+                    "settings and number of processes, pass --allow-schedule-change to continue on the new "
+                    "schedule from the same step, or use a new --output"
+                )
+            log.warning("--allow-schedule-change: resuming %s on a new schedule (%s)", path, pairs)
         if state["epoch"] > self.cfg.epochs:
             raise ConfigError(f"epochs: {path} has already trained {state['epoch']} epochs, more than {self.cfg.epochs}")
         self.model.load_state_dict(state["model"])
@@ -177,12 +229,30 @@ class _Run:
         self.updates = state["updates"]
         self.scheduler.step_update(self.updates)
         log.info("resumed from %s after epoch %d", path, self.epoch)
+        return state
+
+    def repair_best(self, state: dict[str, Any]) -> None:
+        """Write best.pt from a resumed `state` (last.pt) when that was the best epoch and best.pt
+        is missing (a run killed between the two writes by an older ssm2d, or a deleted file)."""
+        best = self.out / "best.pt"
+        if best.exists() or state["best"]["epoch"] == 0:  # nothing evaluated yet
+            return
+        if state["best"]["epoch"] == state["epoch"]:
+            save_checkpoint({k: v for k, v in state.items() if k != "optimizer"}, best)
+            log.warning("%s was missing; written again from last.pt (epoch %d, the best)", best, state["epoch"])
+        else:
+            log.warning(
+                "%s is missing and last.pt is not the best epoch (%d): best.pt comes back when an epoch beats it",
+                best, state["best"]["epoch"],
+            )  # fmt: skip
 
     def write(self, improved: bool) -> None:
-        """last.pt (and best.pt), then metrics.jsonl from the checkpointed history: all atomic."""
-        save_checkpoint(self.state(with_optimizer=True), self.out / "last.pt")
+        """best.pt (if improved), then last.pt, which records it, then metrics.jsonl from the
+        checkpointed history: each atomic, so a kill between two never leaves a recorded best
+        without its file."""
         if improved:
             save_checkpoint(self.state(with_optimizer=False), self.out / "best.pt")
+        save_checkpoint(self.state(with_optimizer=True), self.out / "last.pt")
         write_text_atomic(self.out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in self.history))
 
     def run_epoch(self) -> dict[str, Any] | None:
@@ -196,6 +266,7 @@ class _Run:
         train_loss = train_one_epoch(
             self.train_model, self.train_loader, self.steps, self.criterion, self.optimizer, self.step, env.device,
             mixup=self.mixup, amp=cfg.amp, clip_grad=cfg.clip_grad, show_progress=show, desc=desc,
+            epoch=self.epoch + 1,
         )  # fmt: skip
         self.epoch += 1
         if self.epoch % cfg.eval_every and self.epoch != cfg.epochs:
@@ -217,26 +288,39 @@ class _Run:
         return row
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
+def train(cfg: TrainConfig, resume: bool = False, allow_schedule_change: bool = False) -> dict[str, Any]:
     """Train `cfg.model` on `cfg.dataset` as `cfg` says; returns a summary of the run.
 
     Args:
         cfg: the resolved configuration.
         resume: continue from `cfg.output/last.pt` if it exists (its settings must match).
+            Without it, a `cfg.output` that already holds a run is refused.
+        allow_schedule_change: on resume, accept another world size, global batch, epochs, lr or
+            warm-up / min lr than the checkpoint's: the new schedule continues from the same step.
 
     Raises:
+        ConfigError: a bad setting, `cfg.output` holds a run and `resume` is off, or the resumed
+            checkpoint was trained with other settings. Raised before anything is written.
         NonFiniteLossError: the loss became NaN or infinite; `last.pt` keeps the last good epoch.
+        OSError: the run's folder cannot be written (read-only, full disk); the error names the file.
     """
-    env = init_distributed(cfg.device)
+    check_run_folder(Path(cfg.output), resume)
+    env = init_distributed(cfg.device, cfg.dist_timeout_minutes)
     run = _Run(cfg, env)
     last = run.out / "last.pt"
+    state = None
     if resume and last.is_file():
-        run.resume(last)
+        state = run.resume(last, allow_schedule_change)
     elif resume:
         log.info("--resume: no %s yet; starting from scratch", last)
     if env.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run.out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        for tmp in remove_stale_temporaries(run.out, RUN_FILES):
+            log.info("removed %s, left by a run killed while writing", tmp)
+        if state is not None:
+            run.repair_best(state)
+        record = {**cfg.to_dict(), RUN_RECORD_KEY: run.run_record}
+        write_text_atomic(run.out / "config.yaml", yaml.safe_dump(record, sort_keys=False))
     log.info(
         "%s on %s: %d parameters, %d steps per epoch, %d process(es) on %s",
         cfg.model, cfg.dataset, run.params, run.steps, env.world_size, env.device,

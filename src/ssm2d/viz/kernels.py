@@ -11,6 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from ..errors import ConfigError
 from ..layers import SSM2D
 from ..ops import DIRECTION_FLIPS, fold_directions
 
@@ -51,7 +52,7 @@ def model_kernel_panels(model: nn.Module, input_size: Sequence[int]) -> dict[str
     """
     layers = {name: m for name, m in model.named_modules() if isinstance(m, SSM2D)}
     if not layers:
-        raise ValueError(f"model: {type(model).__name__} has no 2-D SSM layers, so it has no 2-D kernels to draw")
+        raise ConfigError(f"model: {type(model).__name__} has no 2-D SSM layers, so it has no 2-D kernels to draw")
     grids: dict[str, tuple[int, int]] = {}
 
     def record(name: str) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
