@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -208,8 +209,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--output", help="folder for config.yaml, metrics.jsonl, last.pt, best.pt")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt when it exists")
+    hints = typing.get_type_hints(TrainConfig)
     for name in _OTHER_KEYS:  # the rest of TrainConfig, read by the key's type in _overrides
-        p.add_argument("--" + name.replace("_", "-"), dest=name, metavar="VALUE", help=argparse.SUPPRESS)
+        flag = dict(nargs="?", const="true") if hints[name] is bool else {}  # a bare --pretrained means true
+        p.add_argument("--" + name.replace("_", "-"), dest=name, metavar="VALUE", help=argparse.SUPPRESS, **flag)
 
 
 def build_parser() -> argparse.ArgumentParser:

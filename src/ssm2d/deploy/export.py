@@ -75,7 +75,7 @@ def export_onnx(model: nn.Module, example: Tensor, path: str | Path, opset: int 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # The exporter logs every stage and onnxscript's optimizer warns about each fused pattern.
-    quiet = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    quiet = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
     levels = [logger.level for logger in quiet]
     for logger in quiet:
         logger.setLevel(logging.ERROR)
