@@ -59,7 +59,10 @@ class FixedDepthwiseConv(nn.Module):
         if channels % repeats:
             raise ValueError(f"repeats: expected a divisor of the kernel's {channels} channels, got {repeats}")
         self.dim, self.grid, self.repeats = channels // repeats, tuple(grid), repeats
-        self.conv = nn.Conv2d(channels, channels, (kh2, kw2), padding=(kh2 // 2, kw2 // 2), groups=channels, bias=False)
+        self.conv = nn.Conv2d(
+            channels, channels, (kh2, kw2), padding=(kh2 // 2, kw2 // 2), groups=channels, bias=False,
+            dtype=kernel.dtype, device=kernel.device,
+        )  # fmt: skip
         with torch.no_grad():
             self.conv.weight.copy_(kernel.flip(-2, -1)[:, None])  # Conv2d correlates: flip to convolve
         self.post = nn.Identity() if post is None else post
