@@ -114,6 +114,9 @@ def onnx_session(path: str | Path):  # -> onnxruntime.InferenceSession
         raise FileNotFoundError(f"onnx: expected an ONNX file at {path}, found none")
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # errors only
+    # Idle worker threads sleep instead of spinning, so that they do not take the cores from
+    # whatever runs between two calls (PyTorch, in a comparison).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
