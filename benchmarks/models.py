@@ -348,7 +348,8 @@ def deploy_markdown(payload: dict) -> str:
         "",
         "Eager: eval mode, no_grad, the 2-D SSM kernels cached. onnxruntime: the file `ssm2d export` writes (each "
         "2-D SSM layer a depthwise convolution with its kernel materialized for the 7 x 7 patch grid), CPU "
-        "execution provider, default threads, idle threads not spinning. max abs diff: the largest logit difference between the two.",
+        "execution provider, default threads, idle threads not spinning. max abs diff: the largest logit difference "
+        "between the two.",
     ])  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-"""Command line: `ssm2d train | eval | compare | kernels | export | predict` (also `python -m ssm2d`, and under torchrun).
+"""Command line: `ssm2d train | eval | compare | kernels | export | predict` (also `python -m ssm2d`, torchrun).
 
 `train` and `compare` read a YAML config (see `configs/`) and take any config key as a
 `--key-name value` override on top of it; `ssm2d train --help` lists the common ones.
@@ -179,8 +179,8 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
         "export", help="export a checkpoint to ONNX (or a torch.export program) and check it against PyTorch"
     )
     x.add_argument("--checkpoint", required=True, help="last.pt or best.pt of `ssm2d train`")
-    x.add_argument("--output", required=True, help="file to write (model.onnx, or model.pt2 with --format torch-export)")
-    x.add_argument("--img-size", type=_positive, help="input size (default: the training size); the file takes only this size")
+    x.add_argument("--output", required=True, help="file to write: model.onnx, or model.pt2 with --format torch-export")
+    x.add_argument("--img-size", type=_positive, help="input size (default: the training size), the only one the file takes")
     x.add_argument("--format", choices=("onnx", "torch-export"), default="onnx")
     x.add_argument("--opset", type=_positive, default=18, help="ONNX opset (>= 17; default 18)")
     x.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |exported - PyTorch| (default 1e-4)")

@@ -26,7 +26,9 @@ def param_groups(model: nn.Module, weight_decay: float, spatial_lr: float | None
     """
     if spatial_lr is not None and not spatial_lr > 0:
         raise ValueError(f"spatial_lr: expected None or a number > 0, got {spatial_lr!r}")
-    spatial = {id(p) for layer in spatial_layers(model) for p in layer.parameters()} if spatial_lr is not None else set()
+    spatial = set()
+    if spatial_lr is not None:
+        spatial = {id(p) for layer in spatial_layers(model) for p in layer.parameters()}
     no_decay_fn = getattr(model, "no_weight_decay", None)
     no_decay = set(no_decay_fn()) if callable(no_decay_fn) else set()
     groups: dict[tuple, dict[str, Any]] = {}

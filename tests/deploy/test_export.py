@@ -9,6 +9,7 @@ import re
 import onnx
 import pytest
 import torch
+from deploy_files import trained_checkpoint  # noqa: F401  (a fixture)
 
 import ssm2d
 from ssm2d import S4ND, SSM2D
@@ -60,10 +61,11 @@ def test_export_onnx_then_predict_with_it(trained_checkpoint, tmp_path, capsys):
     assert sum(n.op_type == "Conv" for n in proto.graph.node) >= 1 + 4  # patch embedding + one per 2-D SSM layer
     model, _ = load_trained_model(trained_checkpoint)
     session = onnx_session(out)
-    x = torch.randn(7, 3, 28, 28)
-    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
-    with torch.no_grad():
-        torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
+    for batch in (1, 7):  # any batch size
+        x = torch.randn(batch, 3, 28, 28)
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        with torch.no_grad():
+            torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
 
     folder = trained_checkpoint.parents[1] / "data" / "val"
     main(["predict", "--checkpoint", str(trained_checkpoint), str(folder), "--json", "--topk", "3"])
@@ -88,6 +90,7 @@ def test_export_torch_program_at_another_size(trained_checkpoint, tmp_path, caps
     x = torch.randn(3, 3, 36, 36)  # a 9 x 9 patch grid, the kernels materialized for it
     with torch.no_grad():
         torch.testing.assert_close(program(x), model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(program(x[:1]), model(x[:1]), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from deploy_files import CLASSES, COLOURS, write_png
+from deploy_files import CLASSES, COLOURS, trained_checkpoint, write_png  # noqa: F401  (a fixture)
 from PIL import Image
 
 from ssm2d.cli import main
@@ -35,7 +35,8 @@ def test_predict_text_and_json(trained_checkpoint, images, capsys):
     rows = [line.split() for line in text if line.startswith(" ")]
     assert all(len(row) == 2 and row[1] in CLASSES and 0 < float(row[0]) <= 1 for row in rows)
 
-    main(["predict", "--checkpoint", str(trained_checkpoint), str(images / "red.png"), str(images / "nested"), "--json"])
+    main(["predict", "--checkpoint", str(trained_checkpoint), str(images / "red.png"), str(images / "nested"),
+          "--json"])  # fmt: skip
     results = json.loads(capsys.readouterr().out)
     assert [r["image"] for r in results] == [files[2], files[0], files[1]]
     for r in results:

@@ -119,13 +119,13 @@ def _s4nd_conv(layer: S4ND, grid: tuple[int, int]) -> FixedDepthwiseConv:
 def check_exportable(model: nn.Module) -> None:
     """Raise ExportError naming the first layer of ssm2d in `model` that has no exportable form.
 
-    Every module class of `ssm2d.layers` must be one of `EXPORTABLE_LAYERS` (or already a
-    `FixedDepthwiseConv`); the others (the selective scans of Vim and V2M, and any layer added
-    later until it is listed) are refused rather than traced into a wrong or failing graph.
+    Every module of a class from `ssm2d.layers` must be one of `EXPORTABLE_LAYERS`; the others
+    (the selective scans of Vim and V2M, and any layer added later until it is listed) are
+    refused rather than traced into a wrong or failing graph.
     """
     for name, module in model.named_modules():
         cls = type(module)
-        if not cls.__module__.startswith("ssm2d.layers.") or isinstance(module, (*EXPORTABLE_LAYERS, FixedDepthwiseConv)):
+        if not cls.__module__.startswith("ssm2d.layers.") or isinstance(module, EXPORTABLE_LAYERS):
             continue
         listed = ", ".join(c.__name__ for c in EXPORTABLE_LAYERS)
         raise ExportError(

@@ -44,7 +44,8 @@ def find_images(paths: Iterable[str | Path]) -> list[Path]:
         else:
             raise FileNotFoundError(f"images: {path} does not exist")
     if not found:
-        raise FileNotFoundError(f"images: no image files ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(map(str, paths))}")
+        where = ", ".join(map(str, paths))
+        raise FileNotFoundError(f"images: no image files ({', '.join(IMAGE_EXTENSIONS)}) in {where}")
     return found
 
 

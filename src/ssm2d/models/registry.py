@@ -87,7 +87,7 @@ def create_model(
     except LocalEntryNotFoundError as err:
         hub_id = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None) or name
         raise FileNotFoundError(
-            f"pretrained: the weights of {name} ({hub_id}) are not in the local Hugging Face cache and cannot be downloaded "
-            "(offline, e.g. HF_HUB_OFFLINE=1); download them once where the hub is reachable, or pass a weights "
+            f"pretrained: the weights of {name} ({hub_id}) are not in the local Hugging Face cache and cannot be "
+            "downloaded (offline, e.g. HF_HUB_OFFLINE=1); download them once where the hub is reachable, or pass a weights "
             "file with pretrained_file=PATH (--pretrained-file)"
         ) from err

@@ -32,13 +32,13 @@ class TrainConfig:
     Args:
         model: a registered model name (`ssm2d.list_models()` or any timm name).
         model_kwargs: extra keyword arguments for the model class, e.g. {"global_pool": "avg"}.
+        dataset: one of `ssm2d.data.DATASETS`.
+        data_dir: the folder holding the data set (None: the data set's default location).
+        img_size: input size fed to the model (None: the data set's native size).
         pretrained: start from the published timm weights of the model's base (DeiT), from the
             local Hugging Face cache; the spatial layers start at identity.
         pretrained_file: start from this weights file of the model's base timm model
             (.safetensors, or a .pth / .bin state dict); implies `pretrained`.
-        dataset: one of `ssm2d.data.DATASETS`.
-        data_dir: the folder holding the data set (None: the data set's default location).
-        img_size: input size fed to the model (None: the data set's native size).
         epochs, batch_size: per-process batch size; the global batch is batch_size x processes.
         lr, min_lr, warmup_epochs, warmup_lr, weight_decay: AdamW with linear warm-up and a
             cosine decay to min_lr, stepped every iteration.
@@ -63,11 +63,11 @@ class TrainConfig:
 
     model: str = "vit_sd_32_ssm2d"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    pretrained: bool = False
-    pretrained_file: str | None = None
     dataset: str = "cifar100"
     data_dir: str | None = None
     img_size: int | None = None
+    pretrained: bool = False
+    pretrained_file: str | None = None
     epochs: int = 100
     batch_size: int = 128
     lr: float = 1e-3
