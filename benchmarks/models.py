@@ -16,6 +16,10 @@ layer can cost as it is applied; the second, the least its placement costs.
     python benchmarks/models.py                 # table and JSON in outputs/
     python benchmarks/models.py --update-docs   # also rewrites docs/benchmarks.md and README.md
     python benchmarks/models.py --render outputs/benchmarks/models.json   # docs from an earlier run
+
+Deployment (its own section, JSON key "deploy"): inference of `vit_mini_28_ssm2d` at batch 1 and
+64 in eager PyTorch (eval, no_grad, kernels cached) and in onnxruntime on the file of
+`ssm2d export` (kernels materialized as depthwise convolutions), timed in alternation.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -46,7 +50,9 @@ from ssm2d.ops import (  # noqa: E402
 )
 
 sys.path.append(str(_HERE))
-from _report import ROOT, markdown_table, report, run_header, update_docs_and_readme  # noqa: E402
+from _report import (  # noqa: E402
+    ROOT, markdown_table, report, run_header, text_table, update_docs_and_readme, update_section,
+)
 
 from ssm2d.layers import SSM2D  # noqa: E402
 
@@ -287,6 +293,64 @@ def readme_markdown(payload: dict) -> str:
 
 def update_docs(payload: dict) -> None:
     update_docs_and_readme("models", markdown(payload), readme_markdown(payload))
+    if "deploy" in payload:
+        update_section(ROOT / "docs" / "benchmarks.md", "models-deploy", deploy_markdown(payload))
+
+
+DEPLOY_MODEL, DEPLOY_BATCHES = "vit_mini_28_ssm2d", (1, 64)
+
+
+def deploy_benchmark(model_name: str, batches: Sequence[int], reps: int) -> dict:
+    """Inference ms of a model in eager PyTorch and of its exported ONNX file in onnxruntime (CPU,
+    default threads), per batch size, timed in alternation; and the largest logit difference."""
+    import tempfile
+
+    from ssm2d.deploy import export_onnx, materialize_kernels, onnx_session
+
+    torch.manual_seed(0)
+    model = ssm2d.create_model(model_name).eval()
+    c, h, w = model.pretrained_cfg["input_size"]
+    with tempfile.TemporaryDirectory() as folder:
+        frozen = materialize_kernels(model, torch.randn(2, c, h, w))
+        session = onnx_session(export_onnx(frozen, torch.randn(2, c, h, w), Path(folder) / "model.onnx"))
+    name = session.get_inputs()[0].name
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, c, h, w)
+        feed = {name: x.numpy()}
+        with torch.no_grad():
+            diff = float((torch.from_numpy(session.run(None, feed)[0]) - model(x)).abs().max())
+        eager, ort = alternate([infer_fn(model, x), lambda: session.run(None, feed)], reps)
+        print(f"{model_name} (batch {batch}): eager {eager:.2f} ms, onnxruntime {ort:.2f} ms, max diff {diff:.2g}")
+        rows.append({"batch": batch, "eager_ms": eager, "onnxruntime_ms": ort, "max_abs_diff": diff})
+    return {"model": model_name, "input": f"{c}x{h}x{w}", "reps": reps, "rows": rows}
+
+
+def deploy_rows(deploy: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["model", "input", "batch", "eager ms", "onnxruntime ms", "eager / onnxruntime", "max abs diff"]
+    body = [
+        [f"`{deploy['model']}`", deploy["input"], str(r["batch"]), f"{r['eager_ms']:.2f}", f"{r['onnxruntime_ms']:.2f}",
+         f"{r['eager_ms'] / r['onnxruntime_ms']:.2f}x", f"{r['max_abs_diff']:.1e}"]
+        for r in deploy["rows"]
+    ]  # fmt: skip
+    return header, body
+
+
+def deploy_markdown(payload: dict) -> str:
+    deploy = payload["deploy"]
+    return "\n".join([
+        "### Deployment: eager PyTorch against onnxruntime (float32)",
+        "",
+        f"Command: `{payload['command']}`; {payload['date']}, {payload['machine']['threads']} threads; medians of "
+        f"{deploy['reps']} alternating repetitions.",
+        "",
+        markdown_table(*deploy_rows(deploy)),
+        "",
+        "Eager: eval mode, no_grad, the 2-D SSM kernels cached. onnxruntime: the file `ssm2d export` writes (each "
+        "2-D SSM layer a depthwise convolution with its kernel materialized for the 7 x 7 patch grid), CPU "
+        "execution provider, default threads, idle threads not spinning. max abs diff: the largest logit difference "
+        "between the two.",
+    ])  # fmt: skip
 
 
 def main() -> None:
@@ -316,7 +380,9 @@ def main() -> None:
         "breakdown": parts,
         "floor_reps": floor_reps,
         "floors": [inference_floor(base, ssm, TARGET_BATCH, floor_reps) for base, ssm in pairs],
+        "deploy": deploy_benchmark(DEPLOY_MODEL, DEPLOY_BATCHES, floor_reps),
     }
+    print(text_table(*deploy_rows(payload["deploy"])))
     report(payload, rows(results), target_lines(results), args.json, update_docs if args.update_docs else None)
 
 

@@ -82,3 +82,19 @@ def test_param_groups_honour_no_weight_decay():
     assert decay[id(model.cls_token)] == 0.0
     assert decay[id(model.patch_embed.proj.weight)] == 0.05
     assert decay[id(model.blocks[0].attn.qkv.weight)] == 0.05
+
+
+def test_spatial_lr_gives_the_spatial_layers_their_own_rate():
+    """`spatial_lr`: every parameter of an inserted spatial layer, and only those, gets that "lr"."""
+    model = ssm2d.create_model("vit_mini_28_ssm2d")
+    groups = ssm2d.param_groups(model, weight_decay=0.05, spatial_lr=3e-3)
+    spatial = {id(p) for layer in ssm2d.models.spatial_layers(model) for p in layer.parameters()}
+    assert spatial
+    for g in groups:
+        ids = {id(p) for p in g["params"]}
+        assert ids <= spatial if g.get("lr") == 3e-3 else not ids & spatial, g.keys()
+    assert sum(len(g["params"]) for g in groups if "lr" in g) == len(spatial)
+    opt = torch.optim.AdamW(groups, lr=1e-4)
+    assert sorted({g["lr"] for g in opt.param_groups}) == [1e-4, 3e-3]
+    with pytest.raises(ValueError, match="spatial_lr"):
+        ssm2d.param_groups(model, weight_decay=0.05, spatial_lr=0.0)

@@ -1,4 +1,4 @@
-"""Command line: `ssm2d train | eval | compare | kernels` (also `python -m ssm2d`, and under torchrun).
+"""Command line: `ssm2d train | eval | compare | kernels | export | predict` (also `python -m ssm2d`, torchrun).
 
 `train` and `compare` read a YAML config (see `configs/`) and take any config key as a
 `--key-name value` override on top of it; `ssm2d train --help` lists the common ones.
@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,54 @@ def _kernels(args: argparse.Namespace, extra: list[str]) -> None:
         print(f"wrote {path}")
 
 
+def _export(args: argparse.Namespace, extra: list[str]) -> None:
+    from .deploy import export_checkpoint
+
+    if extra:
+        raise ConfigError(f"unrecognized arguments: {' '.join(extra)}")
+    result = export_checkpoint(
+        args.checkpoint, args.output, img_size=args.img_size, fmt=args.format, batch=args.check_batch,
+        tolerance=args.tolerance, opset=args.opset,
+    )  # fmt: skip
+    size = "x".join(map(str, result.input_size))
+    print(f"wrote {result.path} ({result.format}, input (B, {size}))")
+    print(f"max |exported - PyTorch| on a random batch of {args.check_batch}: {result.max_abs_diff:.3g} "
+          f"(tolerance {result.tolerance:g})")  # fmt: skip
+
+
+def _predict(args: argparse.Namespace, extra: list[str]) -> None:
+    from .deploy import format_predictions, predict_images
+
+    if extra:
+        raise ConfigError(f"unrecognized arguments: {' '.join(extra)}")
+    results = predict_images(args.checkpoint, args.images, topk=args.topk, onnx=args.onnx, batch_size=args.batch_size)
+    print(format_predictions(results, as_json=args.json), end="")
+
+
+def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
+    """`ssm2d export` and `ssm2d predict` (logic in ssm2d.deploy)."""
+    x = sub.add_parser(
+        "export", help="export a checkpoint to ONNX (or a torch.export program) and check it against PyTorch"
+    )
+    x.add_argument("--checkpoint", required=True, help="last.pt or best.pt of `ssm2d train`")
+    x.add_argument("--output", required=True, help="file to write: model.onnx, or model.pt2 with --format torch-export")
+    x.add_argument("--img-size", type=_positive, help="input size (default: the training size), the only one the file takes")
+    x.add_argument("--format", choices=("onnx", "torch-export"), default="onnx")
+    x.add_argument("--opset", type=_positive, default=18, help="ONNX opset (>= 17; default 18)")
+    x.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |exported - PyTorch| (default 1e-4)")
+    x.add_argument("--check-batch", type=_positive, default=4, help="size of the random check batch (default 4)")
+    x.set_defaults(func=_export)
+
+    p = sub.add_parser("predict", help="top-k classes of image files (PNG, JPEG, ...) with a trained checkpoint")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders to walk")
+    p.add_argument("--checkpoint", required=True, help="last.pt or best.pt of `ssm2d train` (transform, class names)")
+    p.add_argument("--topk", type=_positive, default=5, help="classes per image (default 5)")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    p.add_argument("--onnx", help="run this file of `ssm2d export` with onnxruntime instead of PyTorch")
+    p.add_argument("--batch-size", type=_positive, default=32)
+    p.set_defaults(func=_predict)
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML config (configs/*.yaml); flags override it")
     p.add_argument("--model", help="a registered model name (ssm2d.list_models())")
@@ -178,8 +227,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         help="with --resume: accept other epochs, lr, warm-up, min lr, batch size or number of processes "
         "than the run was started with (the new schedule continues from the same step)",
     )  # fmt: skip
+    hints = typing.get_type_hints(TrainConfig)
     for name in _OTHER_KEYS:  # the rest of TrainConfig, read by the key's type in _overrides
-        p.add_argument("--" + name.replace("_", "-"), dest=name, metavar="VALUE", help=argparse.SUPPRESS)
+        flag = dict(nargs="?", const="true") if hints[name] is bool else {}  # a bare --pretrained means true
+        p.add_argument("--" + name.replace("_", "-"), dest=name, metavar="VALUE", help=argparse.SUPPRESS, **flag)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--seed", type=int, default=0, help="--init")
     k.add_argument("--output", help="PNG file (--init) or folder (--checkpoint; default: CHECKPOINT_DIR/kernels)")
     k.set_defaults(func=_kernels)
+    _add_deploy_parsers(sub)
     return parser
 
 

@@ -8,7 +8,7 @@ user's code keeps working.
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError", "DatasetError", "NonFiniteLossError", "Ssm2dError"]
+__all__ = ["CheckpointError", "ConfigError", "DatasetError", "MissingFileError", "NonFiniteLossError", "Ssm2dError"]
 
 
 class Ssm2dError(Exception):
@@ -25,6 +25,10 @@ class DatasetError(Ssm2dError, RuntimeError):
 
 class CheckpointError(Ssm2dError, RuntimeError):
     """A checkpoint file that is missing, unreadable or not one of ssm2d's."""
+
+
+class MissingFileError(Ssm2dError, FileNotFoundError):
+    """A file or folder named by an argument does not exist (or holds nothing usable); the message names the argument."""
 
 
 class NonFiniteLossError(Ssm2dError, FloatingPointError):

@@ -5,7 +5,7 @@ saying what was expected where and how to get it.
 """
 
 from .base import ArrayDataset, DatasetError, DatasetInfo
-from .datasets import DATASETS, build_dataset, dataset_info
+from .datasets import DATASETS, build_dataset, dataset_info, normalization
 from .subset import LabeledSubset, class_balanced_subset
 from .transforms import build_transform
 
@@ -19,4 +19,5 @@ __all__ = [
     "build_transform",
     "class_balanced_subset",
     "dataset_info",
+    "normalization",
 ]

@@ -13,11 +13,13 @@ from typing import Literal
 from torch.utils.data import Dataset
 
 from .base import DatasetError, DatasetInfo, to_size
+from .cifar import _SETS as _CIFAR_SETS
 from .cifar import cifar_info, load_cifar
-from .folder import folder_info, load_folder
+from .folder import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, folder_info, load_folder
+from .idx import _SETS as _IDX_SETS
 from .idx import idx_info, load_idx
 
-__all__ = ["DATASETS", "build_dataset", "dataset_info"]
+__all__ = ["DATASETS", "build_dataset", "dataset_info", "normalization"]
 
 DATASETS: tuple[str, ...] = ("fashion_mnist", "mnist", "cifar10", "cifar100", "imagefolder")
 SPLITS = ("train", "val")
@@ -75,3 +77,15 @@ def build_dataset(info: DatasetInfo, split: Literal["train", "val"], transform: 
     if info.name == "imagefolder":
         return load_folder(info, split, transform)
     raise ValueError(f"info.name: expected one of {', '.join(DATASETS)}, got {info.name!r}")
+
+
+def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) that data set `name`'s transforms normalize with (`DatasetInfo`'s),
+    known without the data set on disk: what a trained model's inputs need at prediction time."""
+    if name in _IDX_SETS:
+        return (_IDX_SETS[name].mean,), (_IDX_SETS[name].std,)
+    if name in _CIFAR_SETS:
+        return _CIFAR_SETS[name].mean, _CIFAR_SETS[name].std
+    if name == "imagefolder":
+        return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+    raise ValueError(f"name: expected one of {', '.join(DATASETS)}, got {name!r}")

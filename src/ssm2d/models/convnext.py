@@ -22,7 +22,7 @@ from functools import partial
 from typing import Any
 
 from timm.models import generate_default_cfgs
-from timm.models.convnext import ConvNeXt
+from timm.models.convnext import ConvNeXt, checkpoint_filter_fn
 
 from ..layers import S4ND, SSM2D
 from .builder import build, cfg
@@ -55,7 +55,10 @@ def _create(variant: str, pretrained: bool, **kwargs: Any) -> ConvNeXt:
     elif variant.endswith("_s4nd"):
         layer = partial(S4ND, kernel_size=KERNEL_SIZE)
     args = _ARCHS[_NAMES[variant]][0]
-    return build(ConvNeXt, variant, pretrained, layer=layer, placement="dwconv", **dict(args, **kwargs))
+    return build(
+        ConvNeXt, variant, pretrained, layer=layer, placement="dwconv", pretrained_filter_fn=checkpoint_filter_fn,
+        **dict(args, **kwargs),
+    )  # fmt: skip
 
 
 register_variants(_create, _NAMES)

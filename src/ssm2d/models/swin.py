@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from timm.models import generate_default_cfgs
-from timm.models.swin_transformer import SwinTransformer
+from timm.models.swin_transformer import SwinTransformer, checkpoint_filter_fn
 
 from ..layers import SSM2D
 from .builder import build, cfg
@@ -44,7 +44,10 @@ def _create(variant: str, pretrained: bool, **kwargs: Any) -> SwinTransformer:
     """Build `variant`: its base name gives the architecture; `_ssm2d` adds the layers."""
     layer = SSM2D if variant.endswith("_ssm2d") else None
     args = dict(_ARCHS[_NAMES[variant]][0], dynamic_img_size=True)
-    return build(SwinTransformer, variant, pretrained, layer=layer, placement="pre-attention", **dict(args, **kwargs))
+    return build(
+        SwinTransformer, variant, pretrained, layer=layer, placement="pre-attention",
+        pretrained_filter_fn=checkpoint_filter_fn, **dict(args, **kwargs),
+    )  # fmt: skip
 
 
 register_variants(_create, _NAMES)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from timm.models import generate_default_cfgs
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from ..layers import S4ND, SSM2D, V2M, SPAttention, VimMixer2d
 from .builder import build, cfg
@@ -49,7 +49,14 @@ _ARCHS: dict[str, tuple[dict[str, Any], str, tuple[str, ...]]] = {
 }  # fmt: skip
 _NAMES = {base + suffix: base for base, (_, _, suffixes) in _ARCHS.items() for suffix in suffixes}
 
-default_cfgs = generate_default_cfgs({name: cfg(_ARCHS[base][1], "patch_embed.proj") for name, base in _NAMES.items()})
+# Base name -> the timm weights of the same architecture (loaded by `pretrained=True`).
+_HUB_IDS = {
+    "deit_tiny_224": "timm/deit_tiny_patch16_224.fb_in1k", "deit_small_224": "timm/deit_small_patch16_224.fb_in1k",
+}  # fmt: skip
+
+default_cfgs = generate_default_cfgs(
+    {name: cfg(_ARCHS[base][1], "patch_embed.proj", hf_hub_id=_HUB_IDS.get(base)) for name, base in _NAMES.items()}
+)
 
 
 def _create(variant: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
@@ -60,7 +67,10 @@ def _create(variant: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
     layer = next((cls for key, cls in _MIXERS.items() if suffix.startswith(key)), None)
     placement = "mix-ffn" if "_ffn" in suffix else "pre-attention"
     args = dict(arch, pos_embed="none" if variant.endswith("_nope") else "learn", dynamic_img_size=True)
-    return build(VisionTransformer, variant, pretrained, layer=layer, placement=placement, **dict(args, **kwargs))
+    return build(
+        VisionTransformer, variant, pretrained, layer=layer, placement=placement,
+        pretrained_filter_fn=checkpoint_filter_fn, **dict(args, **kwargs),
+    )  # fmt: skip
 
 
 register_variants(_create, _NAMES)

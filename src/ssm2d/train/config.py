@@ -36,9 +36,15 @@ class TrainConfig:
         dataset: one of `ssm2d.data.DATASETS`.
         data_dir: the folder holding the data set (None: the data set's default location).
         img_size: input size fed to the model (None: the data set's native size).
+        pretrained: start from the published timm weights of the model's base (DeiT), from the
+            local Hugging Face cache; the spatial layers start at identity.
+        pretrained_file: start from this weights file of the model's base timm model
+            (.safetensors, or a .pth / .bin state dict); implies `pretrained`.
         epochs, batch_size: per-process batch size; the global batch is batch_size x processes.
         lr, min_lr, warmup_epochs, warmup_lr, weight_decay: AdamW with linear warm-up and a
             cosine decay to min_lr, stepped every iteration.
+        spatial_lr: peak learning rate of the spatial layers' parameters (the new ones when
+            fine-tuning a pretrained model); None: lr. The schedule scales both alike.
         label_smoothing, mixup, cutmix, mixup_prob, mixup_switch_prob: timm's Mixup/CutMix
             (alphas; 0 turns each off).
         crop_padding, hflip, auto_augment, re_prob: augmentation (RandomCrop padding, flip
@@ -63,6 +69,8 @@ class TrainConfig:
     dataset: str = "cifar100"
     data_dir: str | None = None
     img_size: int | None = None
+    pretrained: bool = False
+    pretrained_file: str | None = None
     epochs: int = 100
     batch_size: int = 128
     lr: float = 1e-3
@@ -70,6 +78,7 @@ class TrainConfig:
     warmup_epochs: float = 10.0
     warmup_lr: float = 1e-6
     weight_decay: float = 0.05
+    spatial_lr: float | None = None
     label_smoothing: float = 0.1
     mixup: float = 0.8
     cutmix: float = 1.0
@@ -105,6 +114,7 @@ class TrainConfig:
             ("min_lr", self.min_lr >= 0, "a number >= 0"),
             ("warmup_epochs", 0 <= self.warmup_epochs <= self.epochs, f"a number in [0, epochs={self.epochs}] (set --warmup-epochs)"),
             ("weight_decay", self.weight_decay >= 0, "a number >= 0"),
+            ("spatial_lr", self.spatial_lr is None or self.spatial_lr > 0, "a number > 0 or null"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "a number in [0, 1)"),
             ("mixup", self.mixup >= 0, "a number >= 0 (0 turns MixUp off)"),
             ("cutmix", self.cutmix >= 0, "a number >= 0 (0 turns CutMix off)"),

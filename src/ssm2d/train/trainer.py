@@ -64,6 +64,13 @@ def model_args(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
     return {**args, **cfg.model_kwargs}
 
 
+def pretrained_args(cfg: TrainConfig) -> dict[str, Any]:
+    """`create_model`'s weight arguments for a run's start (not kept in the checkpoint's model_args)."""
+    if cfg.pretrained_file is not None:
+        return {"pretrained_file": cfg.pretrained_file}
+    return {"pretrained": True} if cfg.pretrained else {}
+
+
 def build_model(name: str, args: dict[str, Any]) -> nn.Module:
     """`create_model(name, **args)`; a model without a fixed input size (ConvNeXt) takes no img_size.
 
@@ -154,9 +161,9 @@ class _Run:
 
         torch.manual_seed(cfg.seed)
         self.model_args = model_args(cfg, self.info)
-        self.model = build_model(cfg.model, self.model_args).to(env.device)
+        self.model = build_model(cfg.model, {**self.model_args, **pretrained_args(cfg)}).to(env.device)
         self.params = sum(p.numel() for p in self.model.parameters())
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay, cfg.spatial_lr), lr=cfg.lr)
         total = cfg.epochs * self.steps
         self.scheduler = CosineLRScheduler(
             self.optimizer, t_initial=total, lr_min=cfg.min_lr, warmup_t=round(cfg.warmup_epochs * self.steps),
