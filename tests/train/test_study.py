@@ -161,19 +161,20 @@ def _counting(calls: list[str], stop_after: int | None = None):
 
 
 def test_resume_repeats_no_finished_run(tmp_path, data_dir):
-    plan = load_study(_study_file(tmp_path, data_dir))
+    plan = load_study(_study_file(tmp_path, data_dir, seeds=[1]))  # 4 unique runs, one shared by 3 experiments
+    assert len(plan.runs) == 4
     full_calls: list[str] = []
     full = run_study(plan, tmp_path / "full", train_fn=_counting(full_calls))
     assert full_calls == list(plan.runs)  # every unique run once
 
     calls: list[str] = []
     with pytest.raises(_Interrupt):
-        run_study(plan, tmp_path / "cut", train_fn=_counting(calls, stop_after=3))
+        run_study(plan, tmp_path / "cut", train_fn=_counting(calls, stop_after=2))
     saved = json.loads((tmp_path / "cut" / "study.json").read_text())
-    assert list(saved["runs"]) == list(plan.runs)[:3]  # written after every finished run
+    assert list(saved["runs"]) == list(plan.runs)[:2]  # written after every finished run
     again: list[str] = []
     resumed = run_study(plan, tmp_path / "cut", train_fn=_counting(again))
-    assert again == list(plan.runs)[3:]
+    assert again == list(plan.runs)[2:]
     assert _without_timings(resumed) == _without_timings(full)
 
     # Nothing left: a third call trains nothing and changes nothing.
@@ -188,7 +189,7 @@ def test_resume_repeats_no_finished_run(tmp_path, data_dir):
     assert [r["img_size"] for r in record["evaluations"]["resolution"]] == [36]
     ranks = record["evaluations"]["kernel_rank"]["layers"]
     assert len(ranks) == 4 and all(1.0 <= r["effective_rank_mean"] <= 13.0 for r in ranks)
-    s4nd = full["runs"]["vit_mini_28_s4nd/seed0"]["evaluations"]
+    s4nd = full["runs"]["vit_mini_28_s4nd/seed1"]["evaluations"]
     assert [r["method"] for r in s4nd["resolution"]] == ["rate change", "rate 1"]
     assert all(abs(r["effective_rank_mean"] - 1.0) < 1e-3 for r in s4nd["kernel_rank"]["layers"])  # rank 1
 
@@ -201,11 +202,12 @@ def test_resume_repeats_no_finished_run(tmp_path, data_dir):
     # --only: an added arm trains alone.
     grown = _study_file(tmp_path, data_dir)
     study = yaml.safe_load(grown.read_text())
+    study["seeds"] = [1]
     study["experiments"]["pe"]["models"].append("vit_mini_28_dwconv")
     grown.write_text(yaml.safe_dump(study, sort_keys=False))
     added: list[str] = []
     run_study(load_study(grown), tmp_path / "full", only=["pe"], train_fn=_counting(added))
-    assert added == ["vit_mini_28_dwconv/seed0", "vit_mini_28_dwconv/seed1"]
+    assert added == ["vit_mini_28_dwconv/seed1"]
 
 
 def test_changed_recipe_is_refused(tmp_path, data_dir):
@@ -285,6 +287,13 @@ def test_rendered_numbers_come_from_the_records(tmp_path):
     render_results(payload, tmp_path / "docs", readme)
     assert readme.read_text() == block  # idempotent
 
+    fresh = tmp_path / "FRESH.md"  # no block yet: it goes under the Results heading
+    fresh.write_text("# x\n\n## Results\n\nThe demo.\n\n## Layout\n")
+    render_results(payload, tmp_path / "docs", fresh)
+    text = fresh.read_text()
+    assert text.startswith("# x\n\n## Results\n\n<!-- BEGIN study-results (generated, do not edit) -->\nFrom `ssm2d")
+    assert text.endswith("<!-- END study-results -->\n\nThe demo.\n\n## Layout\n")
+
 
 def test_spectrum_summary_of_known_kernels():
     rank1 = torch.outer(torch.randn(5, dtype=torch.float64), torch.randn(7, dtype=torch.float64))
@@ -313,3 +322,29 @@ def test_quick_study_of_the_shipped_config(tmp_path, capsys, monkeypatch):
     assert (out / "docs" / "results.md").is_file() and (out / "docs" / "img" / "spatial_layers.png").is_file()
     assert not (tmp_path / "docs").exists() and not (tmp_path / "README.md").exists()
     assert "QUICK smoke run" in (out / "docs" / "results.md").read_text()
+
+
+def test_run_killed_mid_training_resumes_from_last_pt(tmp_path, data_dir, monkeypatch):
+    one = {"experiments": {"pe": {"claim": "c", "models": ["vit_mini_28"]}}}
+    plan = load_study(_study_file(tmp_path, data_dir, seeds=[0], recipe={**RECIPE, "data_dir": str(data_dir), "epochs": 2}, **one))
+    whole = run_study(plan, tmp_path / "whole")
+
+    from ssm2d.train import trainer
+
+    epochs: list[int] = []
+    run_epoch = trainer._Run.run_epoch
+
+    def killed_in_epoch_2(self):
+        epochs.append(self.epoch + 1)
+        if len(epochs) == 2:
+            raise _Interrupt("killed in epoch 2")
+        return run_epoch(self)
+
+    monkeypatch.setattr(trainer._Run, "run_epoch", killed_in_epoch_2)
+    with pytest.raises(_Interrupt):
+        run_study(plan, tmp_path / "cut")
+    assert (tmp_path / "cut" / "runs" / "vit_mini_28" / "seed0" / "last.pt").is_file()
+    assert json.loads((tmp_path / "cut" / "study.json").read_text())["runs"] == {}
+    resumed = run_study(plan, tmp_path / "cut")
+    assert epochs == [1, 2, 2]  # the re-run trained epoch 2 only, from epoch 1's last.pt
+    assert _without_timings(resumed) == _without_timings(whole)

@@ -98,7 +98,8 @@ def load_records(path: Path, plan: StudyPlan, source: str) -> dict[str, dict[str
                 f"({describe_difference(record.get('config', {}), planned)}); use a new --output, or remove the "
                 "record to retrain it"
             )
-        records[run_id] = {**record, "uses": run.uses}
+        first = run.uses[0]  # the plan names the experiments that use the run now
+        records[run_id] = {**record, "experiment": first["experiment"], "settings": first["settings"], "uses": run.uses}
     return records
 
 

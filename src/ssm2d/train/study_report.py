@@ -260,12 +260,19 @@ def headline(payload: dict[str, Any], link: str) -> str:
 
 def update_generated_block(path: Path, name: str, body: str) -> None:
     """Replace the text between `<!-- BEGIN name (generated, do not edit) -->` and `<!-- END name -->`
-    in `path` (the markers of benchmarks/_report.py), or append the block if absent."""
+    in `path` (the markers of benchmarks/_report.py). Without them, the block goes right under the
+    `## Results` heading, or at the end of the file if there is none."""
     begin, end = f"<!-- BEGIN {name} (generated, do not edit) -->", f"<!-- END {name} -->"
     block = f"{begin}\n{body.strip()}\n{end}"
     text = path.read_text() if path.exists() else ""
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    heading = re.compile(r"^## Results\n\n", re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    elif heading.search(text):
+        text = heading.sub(lambda m: m.group(0) + block + "\n\n", text, count=1)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
     write_text_atomic(path, text)
 
 
