@@ -42,10 +42,11 @@ def _study_file(tmp_path: Path, data_dir: Path, **changes) -> Path:
         "experiments": {
             "pe": {"claim": "the SSM helps", "models": ["vit_mini_28", "vit_mini_28_ssm2d"],
                    "pairs": [{"a": "vit_mini_28_ssm2d", "b": "vit_mini_28", "expect": "better"}]},
-            "fraction": {"claim": "data", "models": ["vit_mini_28"],
+            "fraction": {"claim": "data", "models": ["vit_mini_28"], "plot": "train_fraction",
                          "settings": [{"train_fraction": 0.5}, {"train_fraction": 1.0}]},
-            "rank": {"claim": "rank", "models": ["vit_mini_28_ssm2d", "vit_mini_28_s4nd"],
+            "rank": {"claim": "rank", "models": ["vit_mini_28_ssm2d", "vit_mini_28_s4nd"], "plot": "resolution",
                      "evaluations": {"resolution": {"sizes": [36]}, "kernel_rank": {}}},
+            "spectrum": {"claim": "rank", "models": ["vit_mini_28_ssm2d", "vit_mini_28_s4nd"], "plot": "spectrum"},
         },
     }  # fmt: skip
     for key, value in changes.items():
@@ -193,6 +194,11 @@ def test_resume_repeats_no_finished_run(tmp_path, data_dir):
     assert [r["method"] for r in s4nd["resolution"]] == ["rate change", "rate 1"]
     assert all(abs(r["effective_rank_mean"] - 1.0) < 1e-3 for r in s4nd["kernel_rank"]["layers"])  # rank 1
 
+    # Every plot kind renders from the records alone.
+    results = render_results(full, tmp_path / "docs").read_text()
+    assert [p.name for p in sorted((tmp_path / "docs" / "img").iterdir())] == ["fraction.png", "pe.png", "rank.png", "spectrum.png"]
+    assert "| `vit_mini_28_ssm2d` | 0.175M |" in results and " of 1) |" not in results
+
     # --resume-from: a fresh folder seeded from the finished study trains nothing.
     seeded: list[str] = []
     copy_of = run_study(plan, tmp_path / "seeded", resume_from=tmp_path / "full" / "study.json",
@@ -222,7 +228,7 @@ def test_changed_recipe_is_refused(tmp_path, data_dir):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ConfigError, match="is not a study.json of format 1"):
         run_study(plan, tmp_path / "c", resume_from=tmp_path / "bad.json")
-    with pytest.raises(ConfigError, match="--only: unknown experiments nope; the study has pe, fraction, rank"):
+    with pytest.raises(ConfigError, match="--only: unknown experiments nope; the study has pe, fraction, rank, spectrum"):
         run_study(plan, tmp_path / "d", only=["nope"])
 
 

@@ -153,9 +153,10 @@ def run_study(
         records.update(load_records(out / "study.json", plan, "study.json"))
     selected = set(only or names)
     todo = [r for r in plan.runs.values() if any(u["experiment"] in selected for u in r.uses)]
-    write = lambda: write_text_atomic(  # noqa: E731
-        out / "study.json", json.dumps(study_payload(plan, records, command), indent=1) + "\n"
-    )
+
+    def write() -> None:
+        write_text_atomic(out / "study.json", json.dumps(study_payload(plan, records, command), indent=1) + "\n")
+
     write()
     for i, run in enumerate(todo):
         folder = out / "runs" / run.id

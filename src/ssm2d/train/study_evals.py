@@ -40,7 +40,7 @@ def resolution_accuracy(
     resolution change does) and, for comparison, also at rate 1 (method "rate 1").
 
     Returns:
-        [{"img_size", "method", "acc1", "acc5", "loss"}], by size.
+        [{"img_size", "train_size", "method", "acc1", "acc5", "loss"}], by size.
     """
     info = dataset_info(cfg.dataset, cfg.data_dir)
     device = resolve_device(cfg.device)
@@ -58,7 +58,7 @@ def resolution_accuracy(
             for layer in s4nd:
                 layer.rate = rate
             metrics = evaluate(model, loader, len(loader), device, amp=cfg.amp)
-            results.append({"img_size": size, "method": method, **metrics})
+            results.append({"img_size": size, "train_size": base, "method": method, **metrics})
     for layer in s4nd:
         layer.rate = 1.0
     return results
