@@ -215,6 +215,14 @@ def test_resume_repeats_no_finished_run(tmp_path, data_dir):
     run_study(load_study(grown), tmp_path / "full", only=["pe"], train_fn=_counting(added))
     assert added == ["vit_mini_28_dwconv/seed1"]
 
+    # A new evaluation size runs on the finished runs' weights, without training them again.
+    study["experiments"]["rank"]["evaluations"]["resolution"]["sizes"] = [36, 44]
+    grown.write_text(yaml.safe_dump(study, sort_keys=False))
+    evaluated: list[str] = []
+    more = run_study(load_study(grown), tmp_path / "full", train_fn=_counting(evaluated))
+    assert evaluated == []
+    assert [r["img_size"] for r in more["runs"]["vit_mini_28_ssm2d/seed1"]["evaluations"]["resolution"]] == [36, 44]
+
 
 def test_changed_recipe_is_refused(tmp_path, data_dir):
     plan = load_study(_study_file(tmp_path, data_dir))

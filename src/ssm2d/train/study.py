@@ -161,15 +161,14 @@ def run_study(
     for i, run in enumerate(todo):
         folder = out / "runs" / run.id
         record = records.get(run.id)
-        missing = list(run.evaluations) if record is None else _needs(run, record)
-        if record is not None and not missing:
+        if record is not None and not _needs(run, record):
             continue
-        if record is None or not (folder / "last.pt").is_file():
+        if record is None or not (folder / "last.pt").is_file():  # a record without weights: train again
             log.info("study: run %d/%d: %s", i + 1, len(todo), run.id)
             summary = train_fn(dataclasses.replace(run.config, output=str(folder)), True)
             evaluations = {} if record is None else record["evaluations"]
             record = {**_record(run, summary), "evaluations": evaluations}
-            missing = _needs(run, record)
+        missing = _needs(run, record)
         if missing:
             log.info("study: %s: evaluations %s", run.id, ", ".join(missing))
             _evaluate(run, record, folder, missing)
