@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--render-only", action="store_true", help="render the report from OUTPUT/study.json (or "
                    "--resume-from) without training")
     s.add_argument("--docs", default="docs", help="folder for results.md, results.json and img/ (default docs)")
-    s.add_argument("--readme", default="README.md", help="file whose study-results block is updated (default README.md)")
+    s.add_argument("--readme", default="README.md", help="file whose study-results block is updated (default README.md; "
+                   "skipped when it does not exist)")
     s.set_defaults(func=_study)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint; the last line is JSON with acc1, acc5, loss")

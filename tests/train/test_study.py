@@ -24,7 +24,7 @@ from ssm2d.train import ConfigError, train  # noqa: E402
 from ssm2d.train.study import run_study  # noqa: E402
 from ssm2d.train.study_config import load_study  # noqa: E402
 from ssm2d.train.study_evals import spectrum_summary  # noqa: E402
-from ssm2d.train.study_report import paired, render_results, summary_sentence, table, verdict  # noqa: E402
+from ssm2d.train.study_report import arm_rows, paired, render_results, summary_sentence, table, verdict  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,7 +73,8 @@ def test_plan_trains_shared_runs_once(tmp_path, data_dir):
     shared = plan.runs["vit_mini_28/seed0"]
     assert [(u["experiment"], u["arm"]) for u in shared.uses] == [
         ("pe", "vit_mini_28"), ("fraction", "vit_mini_28 [train_fraction=1.0]")]
-    assert plan.arm_runs[("fraction", "vit_mini_28 [train_fraction=1.0]")] == {0: "vit_mini_28/seed0", 1: "vit_mini_28/seed1"}
+    shared_arm = plan.arm_runs[("fraction", "vit_mini_28 [train_fraction=1.0]")]
+    assert shared_arm == {0: "vit_mini_28/seed0", 1: "vit_mini_28/seed1"}
     assert list(plan.runs["vit_mini_28_ssm2d/seed1"].evaluations) == ["resolution", "kernel_rank"]
     assert plan.runs["vit_mini_28/seed0"].evaluations == {}
     assert plan.runs["vit_mini_28/seed0"].hash != plan.runs["vit_mini_28/seed1"].hash
@@ -196,7 +197,8 @@ def test_resume_repeats_no_finished_run(tmp_path, data_dir):
 
     # Every plot kind renders from the records alone.
     results = render_results(full, tmp_path / "docs").read_text()
-    assert [p.name for p in sorted((tmp_path / "docs" / "img").iterdir())] == ["fraction.png", "pe.png", "rank.png", "spectrum.png"]
+    plots = sorted(p.name for p in (tmp_path / "docs" / "img").iterdir())
+    assert plots == ["fraction.png", "pe.png", "rank.png", "spectrum.png"]
     assert "| `vit_mini_28_ssm2d` | 0.175M |" in results and " of 1) |" not in results
 
     # --resume-from: a fresh folder seeded from the finished study trains nothing.
@@ -253,7 +255,10 @@ def _payload() -> dict:
         runs[f"b/seed{seed}"] = _record(f"b/seed{seed}", "b", seed, b, b + 1)
         if c is not None:
             runs[f"c/seed{seed}"] = _record(f"c/seed{seed}", "c", seed, c, c)
-    arm = lambda m: {"label": m, "model": m, "settings": {}, "runs": {str(s): f"{m}/seed{s}" for s in range(3)}}  # noqa: E731
+
+    def arm(m: str) -> dict:
+        return {"label": m, "model": m, "settings": {}, "runs": {str(s): f"{m}/seed{s}" for s in range(3)}}
+
     experiments = {
         "exp": {"claim": "a beats b", "arms": [arm("a"), arm("b"), arm("c")], "evaluations": {}, "plot": "bars",
                 "pairs": [{"a": "a", "b": "b", "expect": "better", "metric": "final_acc1"}]},
@@ -272,8 +277,6 @@ def test_rendered_numbers_come_from_the_records(tmp_path):
     assert lines[2] == "| `a` | 2.000M | 80.00 ± 1.00 | 81.00 ± 1.00 | 11.0 | 3 |"
     assert lines[3] == "| `b` | 0.001M | 78.00 ± 0.00 | 79.00 ± 0.00 | 11.0 | 3 |"
     assert lines[4] == "| `c` | 0.001M | 71.00 ± 1.41 | 71.00 ± 1.41 | 10.5 | in progress (2 of 3) |"
-
-    from ssm2d.train.study_report import arm_rows
 
     pair = paired(arm_rows(payload, "exp"), "a", "b")
     assert (pair["n"], pair["mean"], pair["signs"], pair["complete"]) == (3, 2.0, "+++", True)
@@ -340,7 +343,8 @@ def test_quick_study_of_the_shipped_config(tmp_path, capsys, monkeypatch):
 
 def test_run_killed_mid_training_resumes_from_last_pt(tmp_path, data_dir, monkeypatch):
     one = {"experiments": {"pe": {"claim": "c", "models": ["vit_mini_28"]}}}
-    plan = load_study(_study_file(tmp_path, data_dir, seeds=[0], recipe={**RECIPE, "data_dir": str(data_dir), "epochs": 2}, **one))
+    recipe = {**RECIPE, "data_dir": str(data_dir), "epochs": 2}
+    plan = load_study(_study_file(tmp_path, data_dir, seeds=[0], recipe=recipe, **one))
     whole = run_study(plan, tmp_path / "whole")
 
     from ssm2d.train import trainer

@@ -34,7 +34,9 @@ import yaml
 
 from .config import ConfigError, TrainConfig, _checked
 
-__all__ = ["EVALUATIONS", "Arm", "Experiment", "PlannedRun", "StudyPlan", "describe_difference", "load_study", "run_hash"]
+__all__ = [
+    "EVALUATIONS", "Arm", "Experiment", "PlannedRun", "StudyPlan", "describe_difference", "load_study", "run_hash",
+]  # fmt: skip
 
 _TOP_KEYS = ("recipe", "seeds", "quick", "experiments")
 _EXPERIMENT_KEYS = ("claim", "models", "settings", "evaluations", "pairs", "plot")

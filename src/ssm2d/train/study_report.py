@@ -167,7 +167,9 @@ def summary_sentence(payload: dict[str, Any], experiment: str) -> str:
         return f"Not decided yet: {done} of {planned} runs finished."
     failed = [p for p, v in results if v == "does not hold"]
     if not failed:
-        return "The claim holds at this scale: every paired comparison goes the expected way by more than its seed spread."
+        return (
+            "The claim holds at this scale: every paired comparison goes the expected way by more than its seed spread."
+        )
     names = "; ".join(f"`{p['a']}` vs `{p['b']}`" for p in failed)
     return f"The claim does not hold at this scale: {names} did not go the expected way by more than the seed spread."
 
