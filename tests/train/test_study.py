@@ -366,3 +366,16 @@ def test_run_killed_mid_training_resumes_from_last_pt(tmp_path, data_dir, monkey
     resumed = run_study(plan, tmp_path / "cut")
     assert epochs == [1, 2, 2]  # the re-run trained epoch 2 only, from epoch 1's last.pt
     assert _without_timings(resumed) == _without_timings(whole)
+
+
+def test_val_fraction_keeps_a_class_balanced_part_of_the_validation_set(tmp_path, data_dir):
+    from ssm2d.train import TrainConfig, trainer
+    from ssm2d.train.distributed import init_distributed
+
+    values = {**RECIPE, "val_batch_size": 1, "data_dir": str(data_dir), "output": str(tmp_path / "run")}
+    for fraction, expected in ((1.0, 20), (0.5, 10)):  # 20 validation images, 2 per class
+        run = trainer._Run(TrainConfig(**{**values, "val_fraction": fraction}), init_distributed("cpu"))
+        labels = [int(y) for _, y in run.val_loader]
+        assert len(labels) == expected and sorted(set(labels)) == list(range(10))
+    with pytest.raises(ConfigError, match=r"val_fraction: expected a fraction in \(0, 1\], got 0.0"):
+        TrainConfig(**{**values, "val_fraction": 0.0})
