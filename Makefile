@@ -9,7 +9,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 DEMO_MODELS := vit_mini_28,vit_mini_28_ssm2d,vit_mini_28_nope,vit_mini_28_ssm2d_nope
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test data
+.PHONY: demo study test data
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ demo: $(STAMP) data
 	$(PY) -m ssm2d compare configs/demo_cpu.yaml --models $(DEMO_MODELS) --output outputs/demo
 	$(PY) -m ssm2d kernels --checkpoint outputs/demo/vit_mini_28_ssm2d/seed0/best.pt
 	$(PY) -m ssm2d kernels --checkpoint outputs/demo/vit_mini_28_ssm2d_nope/seed0/best.pt
+
+# The study of docs/results.md (configs/study.yaml, about 4 hours on 2 CPU cores): resumable, so
+# run it again after a kill; it takes over the finished runs of a committed docs/results.json.
+# It rewrites docs/results.md, docs/results.json, docs/img/ and README's study-results block.
+study: $(STAMP) data
+	$(PY) -m ssm2d study configs/study.yaml --output outputs/study $(if $(wildcard docs/results.json),--resume-from docs/results.json) $(STUDY_FLAGS)
 
 test: $(STAMP) data
 	$(PY) -m pytest

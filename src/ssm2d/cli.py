@@ -1,4 +1,4 @@
-"""Command line: `ssm2d train | eval | compare | kernels | export | predict` (also `python -m ssm2d`, torchrun).
+"""Command line: `ssm2d train | eval | compare | study | kernels | export | predict` (also `python -m ssm2d`, torchrun).
 
 `train` and `compare` read a YAML config (see `configs/`) and take any config key as a
 `--key-name value` override on top of it; `ssm2d train --help` lists the common ones.
@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +39,9 @@ from .train import (
     shutdown_distributed,
     train,
 )
+from .train.study import run_study
+from .train.study_config import load_study
+from .train.study_report import render_results
 from .viz import layer_kernel_panels, model_kernel_panels, save_kernel_heatmaps
 
 # Config keys with their own documented flag; every other config key is accepted as --key-name.
@@ -125,6 +129,26 @@ def _compare(args: argparse.Namespace, extra: list[str]) -> None:
     if is_main:
         print(result["table"], end="")
         print(f"wrote {Path(cfg.output) / 'compare.md'}, compare.json and compare.png")
+
+
+def _study(args: argparse.Namespace, extra: list[str]) -> None:
+    if extra:
+        raise ConfigError(f"unrecognized arguments: {' '.join(extra)}")
+    if args.output is None and not args.quick:
+        raise ConfigError("--output: expected the study's folder (only --quick defaults to a temporary one)")
+    output = Path(args.output or tempfile.mkdtemp(prefix="ssm2d_study_quick_"))
+    # --quick is a smoke test: its report goes next to its runs, never into docs/ or README.md.
+    docs = output / "docs" if args.quick else Path(args.docs)
+    readme = None if args.quick or not Path(args.readme).is_file() else Path(args.readme)
+    if args.render_only:
+        payload = json.loads(Path(args.resume_from or output / "study.json").read_text())
+    else:
+        plan = load_study(args.config, quick=args.quick)
+        command = "ssm2d " + " ".join(args.argv)
+        payload = run_study(plan, output, only=args.only, resume_from=args.resume_from, command=command)
+    path = render_results(payload, docs, readme)
+    print(f"wrote {output / 'study.json'}, {path}, {docs / 'results.json'} and {docs / 'img'}/"
+          + (f"; updated {readme}" if readme else ""))
 
 
 def _eval(args: argparse.Namespace, extra: list[str]) -> None:
@@ -249,6 +273,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--models", required=True, help="comma-separated model names")
     c.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     c.set_defaults(func=_compare)
+
+    s = sub.add_parser("study", help="run the named experiments of a study file, resumably, and render the report")
+    s.add_argument("config", help="study YAML (configs/study.yaml)")
+    s.add_argument("--output", help="folder for study.json and runs/ (re-run the same command to continue)")
+    s.add_argument("--quick", action="store_true", help="smoke test: the file's quick overrides (one epoch, tiny data, "
+                   "one seed), into a temporary folder unless --output; the report stays in that folder")
+    s.add_argument("--only", nargs="+", metavar="EXPERIMENT", help="train only these experiments' runs")
+    s.add_argument("--resume-from", help="a study.json (e.g. docs/results.json) whose finished runs are taken over")
+    s.add_argument("--render-only", action="store_true", help="render the report from OUTPUT/study.json (or "
+                   "--resume-from) without training")
+    s.add_argument("--docs", default="docs", help="folder for results.md, results.json and img/ (default docs)")
+    s.add_argument("--readme", default="README.md", help="file whose study-results block is updated (default README.md; "
+                   "skipped when it does not exist)")
+    s.set_defaults(func=_study)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint; the last line is JSON with acc1, acc5, loss")
     e.add_argument("--checkpoint", required=True, help="last.pt or best.pt of `ssm2d train`")

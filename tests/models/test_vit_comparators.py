@@ -1,5 +1,5 @@
 """The comparators in the ViT pre-attention placement (models/vit.py): every `vit_*` base with
-comparator variants has all four, each inserting its own layer before every attention."""
+comparator variants has all of them, each inserting its own layer before every attention."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import ssm2d
-from ssm2d.layers import S4ND, V2M, SPAttention, SpatialOnTokens, VimMixer2d
+from ssm2d.layers import S4ND, SSM2D, V2M, DWConv2d, SPAttention, SpatialOnTokens, VimMixer2d
 from ssm2d.models import spatial_layers
 
-LAYERS = {"_s4nd": S4ND, "_v2m": V2M, "_spsa": SPAttention, "_vim": VimMixer2d}
+LAYERS = {"_s4nd": S4ND, "_v2m": V2M, "_spsa": SPAttention, "_vim": VimMixer2d, "_dwconv": DWConv2d}
 
 
 @pytest.mark.parametrize("base", ["vit_mini_28", "vit_sd_32"])
@@ -33,3 +33,14 @@ def test_comparator_sits_before_every_attention(suffix):
     with torch.no_grad():
         model.eval()(torch.randn(2, 1, 28, 36))  # a non-square 7 x 9 grid
     assert seen == [(2, 7, 9, model.embed_dim)]
+
+
+def test_layer_kwargs_reach_every_inserted_layer():
+    model = ssm2d.create_model("vit_mini_28_ssm2d", layer_kwargs={"n_ssm": 4, "state_dim": 8, "variant": "complex"})
+    layers = spatial_layers(model)
+    assert len(layers) == len(model.blocks)
+    assert all(type(m) is SSM2D and (m.n_ssm, m.state_dim, m.variant) == (4, 8, "complex") for m in layers)
+    with pytest.raises(TypeError, match="n_sssm"):
+        ssm2d.create_model("vit_mini_28_ssm2d", layer_kwargs={"n_sssm": 4})
+    with pytest.raises(ValueError, match="layer_kwargs: vit_mini_28 has no spatial layer"):
+        ssm2d.create_model("vit_mini_28", layer_kwargs={"n_ssm": 4})

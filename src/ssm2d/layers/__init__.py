@@ -1,5 +1,6 @@
 """nn.Modules that own parameters, initialization and caching."""
 
+from .dwconv import DWConv2d
 from .grid import apply_on_tokens, grid_to_tokens, tokens_to_grid
 from .placement import GridSize, SpatialAfter, SpatialOnTokens
 from .sp_attention import SPAttention, SPAttentionOnTokens, SpatialPrior
@@ -9,6 +10,7 @@ from .v2m import V2M
 from .vim import VimMixer, VimMixer2d
 
 __all__ = [
+    "DWConv2d",
     "SPAttention",
     "SPAttentionOnTokens",
     "SpatialPrior",

@@ -5,7 +5,9 @@ Suffixes: `_ssm2d` puts the layer before each attention ("pre-attention", the pa
 paper's "no positional encoding" ablation). All take any input size (`dynamic_img_size`).
 The comparators go in the same pre-attention place of the same backbone, so that all five
 spatial layers are compared under one recipe: `_s4nd` (S4ND), `_v2m` (V2M), `_vim` (Vim's
-bidirectional scan over the row-major grid) and `_spsa` (SP-ViT's spatial-prior attention).
+bidirectional scan over the row-major grid) and `_spsa` (SP-ViT's spatial-prior attention), and
+the control `_dwconv` (a plain depthwise 7 x 7 convolution). `layer_kwargs={...}` passes keyword
+arguments to the inserted layer, e.g. `create_model("vit_mini_28_ssm2d", layer_kwargs={"n_ssm": 4})`.
 
 - `vit_sd_32`: the small-data ViT of Lee et al. 2021 for 32 x 32 input (CIFAR): patch 4, dim 192,
   depth 9, 12 heads, MLP ratio 2. `vit_sd_64`: the same at 64 x 64 with patch 8 (Tiny-ImageNet).
@@ -16,12 +18,13 @@ bidirectional scan over the row-major grid) and `_spsa` (SP-ViT's spatial-prior 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from timm.models import generate_default_cfgs
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from ..layers import S4ND, SSM2D, V2M, SPAttention, VimMixer2d
+from ..layers import S4ND, SSM2D, V2M, DWConv2d, SPAttention, VimMixer2d
 from .builder import build, cfg
 from .registry import register_variants
 from .retrofit import SpatialLayer
@@ -33,7 +36,7 @@ _SD_32 = dict(img_size=32, patch_size=4, embed_dim=192, depth=9, num_heads=12, m
 _DEIT_TINY = dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3)
 # Variant suffix -> the spatial layer it inserts (pre-attention, or mix-ffn with `_ffn`).
 _MIXERS: dict[str, SpatialLayer] = {
-    "_ssm2d": SSM2D, "_s4nd": S4ND, "_v2m": V2M, "_spsa": SPAttention, "_vim": VimMixer2d,
+    "_ssm2d": SSM2D, "_s4nd": S4ND, "_v2m": V2M, "_spsa": SPAttention, "_vim": VimMixer2d, "_dwconv": DWConv2d,
 }  # fmt: skip
 _ALL = ("", "_nope", "_ssm2d", "_ssm2d_nope", "_ssm2d_ffn", "_ssm2d_ffn_nope")
 _COMPARATORS = tuple(k for k in _MIXERS if k != "_ssm2d")
@@ -59,12 +62,22 @@ default_cfgs = generate_default_cfgs(
 )
 
 
-def _create(variant: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
-    """Build `variant`: its base name gives the architecture, its suffixes the placement."""
+def _create(
+    variant: str, pretrained: bool, layer_kwargs: dict[str, Any] | None = None, **kwargs: Any
+) -> VisionTransformer:
+    """Build `variant`: its base name gives the architecture, its suffixes the placement.
+
+    `layer_kwargs` go to every inserted spatial layer (after `dim`); other keyword arguments go to
+    timm's `VisionTransformer`.
+    """
     base = _NAMES[variant]
     arch = _ARCHS[base][0]
     suffix = variant[len(base) :]
-    layer = next((cls for key, cls in _MIXERS.items() if suffix.startswith(key)), None)
+    layer: SpatialLayer | None = next((cls for key, cls in _MIXERS.items() if suffix.startswith(key)), None)
+    if layer_kwargs:
+        if layer is None:
+            raise ValueError(f"layer_kwargs: {variant} has no spatial layer to pass them to, got {layer_kwargs!r}")
+        layer = functools.partial(layer, **layer_kwargs)
     placement = "mix-ffn" if "_ffn" in suffix else "pre-attention"
     args = dict(arch, pos_embed="none" if variant.endswith("_nope") else "learn", dynamic_img_size=True)
     return build(

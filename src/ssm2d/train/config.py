@@ -53,6 +53,8 @@ class TrainConfig:
         drop_path: stochastic depth rate.
         clip_grad: max gradient norm (None: no clipping).
         train_fraction: a class-balanced subset of the training set, for sample-efficiency studies.
+        val_fraction: a class-balanced subset of the validation set (the same one for every seed),
+            for smoke tests.
         val_batch_size: evaluation batch size (None: 2 x batch_size).
         eval_every: evaluate every this many epochs (and always after the last).
         workers: data loader worker processes per training process.
@@ -92,6 +94,7 @@ class TrainConfig:
     drop_path: float = 0.1
     clip_grad: float | None = None
     train_fraction: float = 1.0
+    val_fraction: float = 1.0
     val_batch_size: int | None = None
     eval_every: int = 1
     workers: int = 2
@@ -127,6 +130,7 @@ class TrainConfig:
             ("drop_path", 0 <= self.drop_path < 1, "a number in [0, 1)"),
             ("clip_grad", self.clip_grad is None or self.clip_grad > 0, "a number > 0 or null"),
             ("train_fraction", 0 < self.train_fraction <= 1, "a fraction in (0, 1]"),
+            ("val_fraction", 0 < self.val_fraction <= 1, "a fraction in (0, 1]"),
             ("val_batch_size", self.val_batch_size is None or self.val_batch_size >= 1, "an integer >= 1 or null"),
             ("img_size", self.img_size is None or self.img_size >= 1, "an integer >= 1 or null"),
             ("eval_every", self.eval_every >= 1, "an integer >= 1"),

@@ -136,6 +136,8 @@ class _Run:
         if cfg.train_fraction < 1:
             train_set = class_balanced_subset(train_set, cfg.train_fraction, cfg.seed)
         val_set = build_dataset(self.info, "val", build_transform(self.info, False, cfg.img_size))
+        if cfg.val_fraction < 1:
+            val_set = class_balanced_subset(val_set, cfg.val_fraction, 0)
         global_batch = cfg.batch_size * env.world_size
         if len(train_set) < global_batch:
             raise ConfigError(

@@ -1,0 +1,177 @@
+"""`ssm2d study`: the experiments of a study file, trained once per unique run, resumable.
+
+Each unique run (model, resolved recipe, seed) trains into `DIR/runs/<id>/` with the trainer of
+`ssm2d train` (always with resume, so a run killed mid-training continues from its `last.pt`),
+then the evaluations its experiments ask for run on its final weights. After every finished run
+`DIR/study.json` is rewritten atomically, so a killed study re-run with the same command repeats
+no finished run. `resume_from` seeds it with the finished records of an earlier study (e.g. the
+committed `docs/results.json`), each checked against the run it stands for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError
+from .inference import load_trained_model
+from .io import write_text_atomic
+from .study_config import PlannedRun, StudyPlan, describe_difference, run_hash
+from .study_evals import kernel_rank, resolution_accuracy
+from .trainer import train
+
+__all__ = ["FORMAT", "load_records", "run_study", "study_payload"]
+
+log = logging.getLogger("ssm2d.study")
+
+FORMAT = 1  # version of study.json's layout
+
+
+def _record(run: PlannedRun, summary: dict[str, Any]) -> dict[str, Any]:
+    history = summary["history"]
+    first = run.uses[0]
+    config = {k: v for k, v in run.config.to_dict().items() if k != "output"}
+    return {
+        "id": run.id, "config_hash": run.hash, "experiment": first["experiment"], "model": run.config.model,
+        "seed": run.config.seed, "settings": first["settings"], "uses": run.uses, "config": config,
+        "params": summary["params"], "epochs": summary["epochs"], "history": history,
+        "final_acc1": summary["final"]["val_acc1"], "final_loss": summary["final"]["val_loss"],
+        "best_acc1": summary["best_acc1"], "best_epoch": summary["best_epoch"],
+        "epoch_seconds": statistics.fmean(row["epoch_seconds"] for row in history),
+        "evaluations": {},
+    }  # fmt: skip
+
+
+def _evaluate(run: PlannedRun, record: dict[str, Any], folder: Path, missing: list[str]) -> None:
+    """Run the evaluations `missing` on the run's final weights (its last.pt) into `record`."""
+    model, state = load_trained_model(folder / "last.pt")
+    args = state["model_args"]
+    size = args["img_size"]  # model_args always hold the data set's (H, W)
+    input_size = (args["in_chans"], *size)
+    for name in missing:
+        if name == "resolution":
+            sizes = run.evaluations["resolution"]["sizes"]
+            record["evaluations"]["resolution"] = resolution_accuracy(model, run.config, args, sizes)
+        else:
+            record["evaluations"]["kernel_rank"] = kernel_rank(model, input_size)
+
+
+def _needs(run: PlannedRun, record: dict[str, Any]) -> list[str]:
+    """Evaluations the run's experiments ask for that its record lacks (or has for other sizes)."""
+    have = record.get("evaluations", {})
+    missing = [name for name in run.evaluations if name not in have]
+    if "resolution" in have and "resolution" in run.evaluations:
+        sizes = {r["img_size"] for r in have["resolution"]}
+        if sizes != set(run.evaluations["resolution"]["sizes"]):
+            missing.append("resolution")
+    return missing
+
+
+def load_records(path: Path, plan: StudyPlan, source: str) -> dict[str, dict[str, Any]]:
+    """The finished records of a study.json that belong to `plan`, each checked against its run.
+
+    Raises:
+        ConfigError: the file is not a study.json, or a record of a planned run was trained with
+            another resolved config (a changed recipe needs a new output folder).
+    """
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{source}: cannot read {path} as a study.json ({err})") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or not isinstance(payload.get("runs"), dict):
+        raise ConfigError(f"{source}: {path} is not a study.json of format {FORMAT} (written by `ssm2d study`)")
+    records = {}
+    for run_id, record in payload["runs"].items():
+        run = plan.runs.get(run_id)
+        if run is None:
+            log.info("%s: %s is not in this study's plan; dropped", source, run_id)
+            continue
+        if record.get("config_hash") != run.hash or run_hash(record.get("config", {})) != run.hash:
+            planned = {k: v for k, v in run.config.to_dict().items() if k != "output"}
+            raise ConfigError(
+                f"{source}: run {run_id} in {path} was trained with another config "
+                f"({describe_difference(record.get('config', {}), planned)}); use a new --output, or remove the "
+                "record to retrain it"
+            )
+        first = run.uses[0]  # the plan names the experiments that use the run now
+        records[run_id] = {**record, "experiment": first["experiment"], "settings": first["settings"], "uses": run.uses}
+    return records
+
+
+def study_payload(plan: StudyPlan, records: dict[str, dict[str, Any]], command: str | None) -> dict[str, Any]:
+    """study.json: the plan (experiments, arms, the run of each seed) and the finished records."""
+    experiments = {}
+    for exp in plan.experiments:
+        arms = [
+            {"label": a.label, "model": a.model, "settings": a.settings,
+             "runs": {str(seed): run_id for seed, run_id in plan.arm_runs[(exp.name, a.label)].items()}}
+            for a in exp.arms
+        ]  # fmt: skip
+        experiments[exp.name] = {
+            "claim": exp.claim, "arms": arms, "evaluations": exp.evaluations, "pairs": exp.pairs, "plot": exp.plot
+        }
+    runs = {run_id: records[run_id] for run_id in plan.runs if run_id in records}
+    return {
+        "format": FORMAT, "config": plan.source, "command": command, "quick": plan.quick, "recipe": plan.recipe,
+        "seeds": plan.seeds, "experiments": experiments, "runs": runs,
+    }  # fmt: skip
+
+
+def run_study(
+    plan: StudyPlan,
+    output: str | Path,
+    only: list[str] | None = None,
+    resume_from: str | Path | None = None,
+    command: str | None = None,
+    train_fn: Callable[..., dict[str, Any]] = train,
+) -> dict[str, Any]:
+    """Train and evaluate every planned run that has no finished record; returns the payload.
+
+    Args:
+        plan: from `load_study`.
+        output: DIR: `DIR/study.json` and the run folders `DIR/runs/<id>/`.
+        only: experiment names whose runs to train (default: all); the other records are kept.
+        resume_from: a study.json of an earlier study whose finished records are taken over
+            (those already in DIR/study.json win).
+        command: the command line, recorded in the JSON.
+        train_fn: the trainer (`ssm2d.train.train`); tests count its calls.
+    """
+    out = Path(output)
+    names = [e.name for e in plan.experiments]
+    unknown = [n for n in only or [] if n not in names]
+    if unknown:
+        raise ConfigError(f"--only: unknown experiments {', '.join(unknown)}; the study has {', '.join(names)}")
+    records: dict[str, dict[str, Any]] = {}
+    if resume_from is not None:
+        records.update(load_records(Path(resume_from), plan, "--resume-from"))
+    if (out / "study.json").is_file():
+        records.update(load_records(out / "study.json", plan, "study.json"))
+    selected = set(only or names)
+    todo = [r for r in plan.runs.values() if any(u["experiment"] in selected for u in r.uses)]
+
+    def write() -> None:
+        write_text_atomic(out / "study.json", json.dumps(study_payload(plan, records, command), indent=1) + "\n")
+
+    write()
+    for i, run in enumerate(todo):
+        folder = out / "runs" / run.id
+        record = records.get(run.id)
+        if record is not None and not _needs(run, record):
+            continue
+        if record is None or not (folder / "last.pt").is_file():  # a record without weights: train again
+            log.info("study: run %d/%d: %s", i + 1, len(todo), run.id)
+            summary = train_fn(dataclasses.replace(run.config, output=str(folder)), True)
+            evaluations = {} if record is None else record["evaluations"]
+            record = {**_record(run, summary), "evaluations": evaluations}
+        missing = _needs(run, record)
+        if missing:
+            log.info("study: %s: evaluations %s", run.id, ", ".join(missing))
+            _evaluate(run, record, folder, missing)
+        records[run.id] = record
+        write()
+    return study_payload(plan, records, command)
