@@ -1,6 +1,8 @@
 """nn.Modules that own parameters, initialization and caching."""
 
+from .ema import MegaEMA
 from .grid import apply_on_tokens, grid_to_tokens, tokens_to_grid
+from .mega import MovingAverageGatedAttention, NormalizedFFN
 from .placement import GridSize, SpatialAfter, SpatialOnTokens
 from .sp_attention import SPAttention, SPAttentionOnTokens, SpatialPrior
 from .s4nd import S4ND
@@ -9,6 +11,9 @@ from .v2m import V2M
 from .vim import VimMixer, VimMixer2d
 
 __all__ = [
+    "MegaEMA",
+    "MovingAverageGatedAttention",
+    "NormalizedFFN",
     "SPAttention",
     "SPAttentionOnTokens",
     "SpatialPrior",
