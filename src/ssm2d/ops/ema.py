@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .fftconv import _fast_length
 
@@ -69,10 +70,11 @@ def ema_kernel(alpha: Tensor, delta: Tensor, beta: Tensor, eta: Tensor, length: 
     _check_params(None, alpha, delta, beta, eta)
     if not isinstance(length, int) or isinstance(length, bool) or length < 1:
         raise ValueError(f"length: expected an integer >= 1, got {length!r}")
-    q = 1 - alpha * delta  # (..., C, h): the decay of each state
-    steps = torch.arange(length, dtype=q.dtype, device=q.device)
-    # q^t; torch's pow gives 0^0 = 1 and a zero gradient at t = 0, so q = 0 is harmless
-    powers = torch.pow(q[..., None], steps)  # (..., C, h, L)
+    # q^t = exp(t log q) for the decay q = 1 - alpha delta of each state; q = 0 (alpha = delta = 1,
+    # a saturated sigmoid) is clamped to the smallest normal number, whose powers t >= 1 vanish
+    log_q = torch.log((1 - alpha * delta).clamp_min(torch.finfo(alpha.dtype).tiny))  # (..., C, h)
+    steps = torch.arange(length, dtype=log_q.dtype, device=log_q.device)
+    powers = torch.exp(log_q[..., None] * steps)  # (..., C, h, L)
     weight = (eta * alpha * beta)[..., None, :]  # (..., C, 1, h)
     return (weight @ powers)[..., 0, :]
 
@@ -87,6 +89,37 @@ def _circular_kernel(kernels: Tensor, size: int) -> Tensor:
     backward = kernels[1]
     # lag -s (input s steps ahead) sits at index size - s
     return torch.cat([forward[:, :1] + backward[:, :1], forward[:, 1:], zeros, backward[:, 1:].flip(-1)], -1)
+
+
+class _SequenceConv(torch.autograd.Function):
+    """y = irfft(rfft(x, M) * S, M)[:L] along dim 1 of (B, L, C), with a hand-written backward.
+
+    The backward is the adjoint pipeline with conj(S) (a correlation), which costs what the
+    forward costs; autograd through the zero-padded rfft would run a full complex transform.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, spectrum: Tensor, size: int) -> Tensor:  # x (B, L, C), spectrum (M//2+1, C)
+        xf = torch.fft.rfft(x, n=size, dim=1)
+        ctx.size, ctx.length = size, x.shape[1]
+        ctx.save_for_backward(spectrum, xf if spectrum.requires_grad else None)
+        return torch.fft.irfft(xf * spectrum, n=size, dim=1)[:, : x.shape[1]]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        spectrum, xf = ctx.saved_tensors
+        size, length = ctx.size, ctx.length
+        gf = torch.fft.rfft(grad, n=size, dim=1)
+        grad_x = torch.fft.irfft(gf * spectrum.conj(), n=size, dim=1)[:, :length] if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            # gradient of the onesided irfft: the adjoint transform over M, the bins that stand for
+            # two conjugate frequencies counted twice
+            gf = gf / size
+            gf[:, 1 : size - gf.shape[1] + 1] *= 2
+            grad_s = (gf * xf.conj()).sum(0)
+        return grad_x, grad_s, None
 
 
 def ema(
@@ -118,7 +151,7 @@ def ema(
         kernels = ema_kernel(*(t.to(work) for t in (alpha, delta, beta, eta)), length)  # (D, C, L)
         size = _fast_length(2 * length - 1)  # no wrap-around into the L outputs for lags up to L-1
         spectrum = torch.fft.rfft(_circular_kernel(kernels, size), dim=-1).transpose(0, 1)  # (size // 2 + 1, C)
-        y = torch.fft.irfft(torch.fft.rfft(x.to(work), n=size, dim=1) * spectrum, n=size, dim=1)[:, :length]
+        y = _SequenceConv.apply(x.to(work), spectrum, size)
         if omega is not None:
             y = y + x.to(work) * omega.to(work)
     return y.to(x.dtype)
