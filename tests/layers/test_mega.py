@@ -87,7 +87,9 @@ def test_laplace_is_the_normal_cdf_of_mega():
     assert laplace(torch.tensor(math.sqrt(0.5), dtype=F64)).item() == pytest.approx(0.5, abs=1e-15)
 
 
-@pytest.mark.parametrize(("table_grid", "grid"), [((3, 4), (3, 4)), ((3, 4), (2, 2)), ((2, 3), (5, 7)), ((1, 1), (2, 3))])
+@pytest.mark.parametrize(
+    ("table_grid", "grid"), [((3, 4), (3, 4)), ((3, 4), (2, 2)), ((2, 3), (5, 7)), ((1, 1), (2, 3))]
+)
 def test_relative_position_bias_by_loops(table_grid, grid):
     gh, gw = table_grid
     table = torch.randn(2 * gh - 1, 2 * gw - 1, dtype=F64)

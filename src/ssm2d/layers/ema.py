@@ -90,11 +90,11 @@ class MegaEMA(TaggedModule):
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, H, W, C) -> (B, H, W, C)."""
         check_grid_input(x, self.dim)
-        fn = ema if self.fast_path else ema_ref
-        params = self.coefficients()
-        if not self.fast_path:
-            params = tuple(p.to(x.dtype) for p in params)
-        y = fn(x.flatten(1, 2), *params, None if self.omega is None else self.omega.to(x.dtype))
+        params, omega = self.coefficients(), self.omega
+        if self.fast_path:  # computes in the wider of the two dtypes, at least float32
+            y = ema(x.flatten(1, 2), *params, omega)
+        else:
+            y = ema_ref(x.flatten(1, 2), *(p.to(x.dtype) for p in params), None if omega is None else omega.to(x.dtype))
         return y.reshape(x.shape)
 
     def extra_repr(self) -> str:

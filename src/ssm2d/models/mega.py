@@ -204,7 +204,9 @@ _ARCHS: dict[str, tuple[dict[str, Any], str, tuple[str, ...]]] = {
         "fashion_mnist",
         ("", "_nope", "_ema", "_ema_nope", "_ssm2d", "_ssm2d_nope", "_s4nd", "_s4nd_nope"),
     ),
-    "mega_sd_32": (dict(_SD, img_size=32, patch_size=4), "cifar100", ("", "_nope", "_ema", "_ssm2d", "_ssm2d_nope", "_s4nd")),
+    "mega_sd_32": (
+        dict(_SD, img_size=32, patch_size=4), "cifar100", ("", "_nope", "_ema", "_ssm2d", "_ssm2d_nope", "_s4nd")
+    ),
     "mega_sd_64": (dict(_SD, img_size=64, patch_size=8), "tiny_imagenet", ("", "_ema", "_ssm2d", "_s4nd")),
     "mega_tiny_224": (
         dict(img_size=224, patch_size=16, embed_dim=192, depth=12, hidden_dim=384, ffn_dim=384, zdim=64, ndim=16),
