@@ -7,6 +7,10 @@ for context, where the kernels' fixed cost per step is spread over more images):
 Baseline and SSM model are timed in alternation, repetition by repetition, so that both see
 the same machine state; the ratio is that of the medians.
 
+The Mega section times the training step of `mega_sd_32_ssm2d` (the 2-D SSM in Mega's
+moving-average slot) against `mega_sd_32_ema` (Mega's own EMA) and `mega_sd_32` (no moving
+average, "Mega-ablate"), the three in alternation, at the same batches.
+
 The inference floor (batch 8) times each +2-D SSM model twice more, in the same alternation:
 with every 2-D SSM layer cut down to its convolution alone (kernel prepared once, on the path
 the cost model picks), and with every layer replaced by the identity (what remains is the
@@ -291,8 +295,73 @@ def readme_markdown(payload: dict) -> str:
     return "\n".join([intro, "", markdown_table([header[i] for i in keep], [[r[i] for i in keep] for r in body])])
 
 
+# Mega: the 2-D SSM in the moving-average slot, against Mega's EMA and against no slot.
+MEGA_MODELS = ("mega_sd_32", "mega_sd_32_ema", "mega_sd_32_ssm2d")
+AUTHORS_MEGA = "2.36x"  # Mega + 2-D SSM over Mega, training, on GPU (the issue's figure)
+
+
+def mega_measure(batch: int, reps: int) -> dict:
+    """Training-step ms of the three Mega models, timed in alternation, and the ratios of the +2-D SSM one."""
+    torch.manual_seed(0)
+    models = [ssm2d.create_model(name) for name in MEGA_MODELS]
+    c, h, w = models[0].pretrained_cfg["input_size"]
+    x = torch.randn(batch, c, h, w)
+    y = torch.randint(0, models[0].num_classes, (batch,))
+    none, ema, ssm = alternate([train_step_fn(m, x, y) for m in models], reps)
+    print(f"{MEGA_MODELS[2]} (batch {batch}): train {ssm:.1f} ms; {MEGA_MODELS[1]} {ema:.1f} ms; "
+          f"{MEGA_MODELS[0]} {none:.1f} ms")  # fmt: skip
+    return {"input": f"{c}x{h}x{w}", "batch": batch, "train_ms": {"none": none, "ema": ema, "ssm2d": ssm},
+            "vs_ema": ssm / ema, "vs_none": ssm / none}  # fmt: skip
+
+
+def mega_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
+    header = ["input", "batch", "no slot ms", "EMA ms", "2-D SSM ms", "2-D SSM / EMA", "2-D SSM / no slot"]
+    body = [
+        [r["input"], str(r["batch"]), f"{r['train_ms']['none']:.1f}", f"{r['train_ms']['ema']:.1f}",
+         f"{r['train_ms']['ssm2d']:.1f}", f"{r['vs_ema']:.2f}x", f"{r['vs_none']:.2f}x"]
+        for r in results
+    ]  # fmt: skip
+    return header, body
+
+
+def mega_markdown(payload: dict) -> str:
+    """The Mega section of docs/benchmarks.md (empty for a JSON written before it existed)."""
+    if not payload.get("mega"):
+        return ""
+    names = ", ".join(f"`{n}`" for n in MEGA_MODELS)
+    return "\n".join([
+        "",
+        "### Mega: the 2-D SSM in place of the EMA (training step, float32)",
+        "",
+        f"{names}: no moving average, Mega's bidirectional EMA, and the 2-D SSM in its place, timed in "
+        f"alternation in the same run (medians of {payload['reps']} repetitions; forward, cross-entropy "
+        "backward and AdamW step).",
+        "",
+        markdown_table(*mega_rows(payload["mega"])),
+        "",
+        f"For comparison, the authors' implementation: Mega with the 2-D SSM trains {AUTHORS_MEGA} slower than "
+        "Mega, on GPU (the issue's figure).",
+    ])  # fmt: skip
+
+
+def mega_readme_markdown(payload: dict) -> str:
+    if not payload.get("mega"):
+        return ""
+    header, body = mega_rows(payload["mega"])
+    keep = [1, 5, 6]  # batch, 2-D SSM / EMA, 2-D SSM / no slot
+    return "\n".join([
+        "",
+        f"`mega_sd_32_ssm2d`'s training step against Mega's EMA and against no moving average (authors, on GPU: "
+        f"{AUTHORS_MEGA} over Mega):",
+        "",
+        markdown_table([header[i] for i in keep], [[r[i] for i in keep] for r in body]),
+    ])  # fmt: skip
+
+
 def update_docs(payload: dict) -> None:
-    update_docs_and_readme("models", markdown(payload), readme_markdown(payload))
+    update_docs_and_readme(
+        "models", markdown(payload) + mega_markdown(payload), readme_markdown(payload) + mega_readme_markdown(payload)
+    )
     if "deploy" in payload:
         update_section(ROOT / "docs" / "benchmarks.md", "models-deploy", deploy_markdown(payload))
 
@@ -380,8 +449,10 @@ def main() -> None:
         "breakdown": parts,
         "floor_reps": floor_reps,
         "floors": [inference_floor(base, ssm, TARGET_BATCH, floor_reps) for base, ssm in pairs],
+        "mega": [mega_measure(batch, args.reps) for batch in args.batches],
         "deploy": deploy_benchmark(DEPLOY_MODEL, DEPLOY_BATCHES, floor_reps),
     }
+    print(text_table(*mega_rows(payload["mega"])))
     print(text_table(*deploy_rows(payload["deploy"])))
     report(payload, rows(results), target_lines(results), args.json, update_docs if args.update_docs else None)
 

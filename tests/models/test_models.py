@@ -21,6 +21,7 @@ import ssm2d
 from ssm2d import SSM2D
 from ssm2d.layers import SpatialOnTokens, SpatialPrior
 from ssm2d.models import spatial_layers
+from ssm2d.models.mega import Mega
 
 NAMES = ssm2d.list_models()
 BATCH = 2
@@ -48,12 +49,12 @@ def second_size(model: nn.Module) -> tuple[int, int]:
 def expected_grids(model: nn.Module, size: tuple[int, int]) -> list[tuple[int, int]]:
     """Grid each spatial layer sees at input size (H, W), in module order, by arithmetic.
 
-    ViT: one grid of H/p x W/p tokens. Swin: the patch grid, halved (rounded up, timm pads odd
+    ViT and Mega: one grid of H/p x W/p tokens. Swin: the patch grid, halved (rounded up, timm pads odd
     maps) at every stage that downsamples. ConvNeXt: the stem's H/p x W/p, halved (rounded
     down: 2 x 2 stride-2 convolution without padding) at every stage that downsamples.
     """
     h, w = size
-    if isinstance(model, VisionTransformer):
+    if isinstance(model, (VisionTransformer, Mega)):
         ph, pw = model.patch_embed.patch_size
         return [(h // ph, w // pw)] * len(model.blocks)
     grids = []

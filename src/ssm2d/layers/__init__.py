@@ -1,7 +1,9 @@
 """nn.Modules that own parameters, initialization and caching."""
 
 from .dwconv import DWConv2d
+from .ema import MegaEMA
 from .grid import apply_on_tokens, grid_to_tokens, tokens_to_grid
+from .mega import MovingAverageGatedAttention, NormalizedFFN
 from .placement import GridSize, SpatialAfter, SpatialOnTokens
 from .sp_attention import SPAttention, SPAttentionOnTokens, SpatialPrior
 from .s4nd import S4ND
@@ -11,6 +13,9 @@ from .vim import VimMixer, VimMixer2d
 
 __all__ = [
     "DWConv2d",
+    "MegaEMA",
+    "MovingAverageGatedAttention",
+    "NormalizedFFN",
     "SPAttention",
     "SPAttentionOnTokens",
     "SpatialPrior",
