@@ -11,9 +11,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import TOL, assert_close, grads, rel_fro, size_id
+from conftest import TOL, assert_close, param_grads, rel_fro, size_id, tiny_vit
 from timm.models.convnext import ConvNeXt
-from timm.models.vision_transformer import VisionTransformer
 
 import ssm2d
 from ssm2d import SSM2D
@@ -34,12 +33,6 @@ CONFIGS = {
 
 def make_layer(dim=4, state_dim=6, dtype=F64, **kwargs) -> S4ND:
     return S4ND(dim, state_dim=state_dim, **kwargs).to(dtype)
-
-
-def param_grads(layer: nn.Module, x: torch.Tensor, upstream: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Gradients of <layer(x), upstream> w.r.t. x (key "x") and every named parameter."""
-    names, params = zip(*layer.named_parameters())
-    return dict(zip(("x", *names), grads(layer(x), (x, *params), upstream)))
 
 
 def one_sided(layer: S4ND, axis: int, length: int, rate: float) -> torch.Tensor:
@@ -274,11 +267,6 @@ def test_kernel_taps_follow_rate():
 # In timm backbones
 
 
-def tiny_vit(**kwargs) -> VisionTransformer:
-    args = dict(img_size=32, patch_size=4, embed_dim=24, depth=2, num_heads=3, num_classes=5, reg_tokens=1)
-    return VisionTransformer(**{**args, **kwargs})
-
-
 def tiny_convnext(**kwargs) -> ConvNeXt:
     # Layer scale 1 instead of timm's 1e-6, so that every block visibly shapes the output.
     args = dict(dims=(8, 16, 24, 32), depths=(1, 1, 1, 1), patch_size=1, num_classes=5, ls_init_value=1.0)
@@ -289,7 +277,7 @@ def tiny_convnext(**kwargs) -> ConvNeXt:
     "layer", [S4ND, partial(S4ND, channels=2, linear=False, glu=True)], ids=["linear", "glu"]
 )
 def test_vit_pre_attention(layer):
-    model = add_spatial_layers(tiny_vit(dynamic_img_size=True), layer=layer).train()
+    model = add_spatial_layers(tiny_vit(), layer=layer).train()
     layers = spatial_layers(model)
     assert len(layers) == 2 and all(isinstance(m, S4ND) for m in layers)
     seen = []
@@ -304,7 +292,7 @@ def test_vit_pre_attention(layer):
 
 @pytest.mark.parametrize("family", ["vit", "convnext"])
 def test_identity_retrofit_keeps_outputs(family):
-    model = (tiny_vit() if family == "vit" else tiny_convnext()).to(F64).eval()
+    model = (tiny_vit(dynamic_img_size=False) if family == "vit" else tiny_convnext()).to(F64).eval()
     placement = "pre-attention" if family == "vit" else "post-dwconv"
     x = torch.randn(2, 3, 32, 32, dtype=F64)
     with torch.no_grad():

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops import s4d_kernel, s4d_kernel_ref, separable_conv2d, separable_conv2d_ref
-from .checks import check_positive_ints
+from .checks import check_grid_input, check_positive_ints
 from .ssm2d import _pair_or_none
 from .tagged import NO_WEIGHT_DECAY, TaggedModule
 
@@ -205,8 +205,7 @@ class S4ND(TaggedModule):
 
     def forward(self, x: Tensor, rate: float | None = None) -> Tensor:
         """x: (B, H, W, C) -> (B, H, W, C). `rate` overrides the `rate` attribute for this call."""
-        if x.ndim != 4 or x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected shape (B, H, W, C) with C={self.dim}, got {tuple(x.shape)}")
+        check_grid_input(x, self.dim)
         if self.fast_path and self.conv_method not in ("auto", "fft", "direct"):
             raise ValueError(f"conv_method: expected 'auto', 'fft' or 'direct', got {self.conv_method!r}")
         k_h, k_w = self.axis_kernels((x.shape[1], x.shape[2]), rate)  # the convolution casts them
