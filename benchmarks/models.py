@@ -7,6 +7,10 @@ for context, where the kernels' fixed cost per step is spread over more images):
 Baseline and SSM model are timed in alternation, repetition by repetition, so that both see
 the same machine state; the ratio is that of the medians.
 
+The compiled training step (`vit_sd_32_ssm2d`, batch 8 and 64) times the model under
+`torch.compile` against eager mode, in alternation, and reports the compile time (the first
+compiled step); `--skip-compile` leaves it out, since compiling can take minutes.
+
 The inference floor (batch 8) times each +2-D SSM model twice more, in the same alternation:
 with every 2-D SSM layer cut down to its convolution alone (kernel prepared once, on the path
 the cost model picks), and with every layer replaced by the identity (what remains is the
@@ -16,6 +20,7 @@ layer can cost as it is applied; the second, the least its placement costs.
     python benchmarks/models.py                 # table and JSON in outputs/
     python benchmarks/models.py --update-docs   # also rewrites docs/benchmarks.md and README.md
     python benchmarks/models.py --render outputs/benchmarks/models.json   # docs from an earlier run
+    python benchmarks/models.py --skip-compile  # without the compiled-step section
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from ssm2d.ops import (  # noqa: E402
 )
 
 sys.path.append(str(_HERE))
-from _report import ROOT, markdown_table, report, run_header, update_docs_and_readme  # noqa: E402
+from _report import ROOT, markdown_table, report, run_header, text_table, update_docs_and_readme  # noqa: E402
 
 from ssm2d.layers import SSM2D  # noqa: E402
 
@@ -209,6 +214,60 @@ def inference_floor(base_name: str, ssm_name: str, batch: int, reps: int) -> dic
     return {"model": ssm_name, "batch": batch, **dict(zip(("baseline", "model_ms", "conv_only", "identity"), times))}
 
 
+COMPILE_MODEL = "vit_sd_32_ssm2d"
+COMPILE_BATCHES = [8, 64]
+
+
+def measure_compiled(model_name: str, batch: int, reps: int, backend: str) -> dict:
+    """Training step of `model_name` eager and under torch.compile, timed in alternation; the
+    compile time is that of the first compiled step (tracing, code generation, the step)."""
+    torch.manual_seed(0)
+    eager = ssm2d.create_model(model_name)
+    compiled_model = ssm2d.create_model(model_name)
+    compiled_model.load_state_dict(eager.state_dict())
+    c, h, w = eager.pretrained_cfg["input_size"]
+    x = torch.randn(batch, c, h, w)
+    y = torch.randint(0, eager.num_classes, (batch,))
+    torch._dynamo.reset()
+    compiled_model.forward = torch.compile(compiled_model.forward, backend=backend)
+    steps = [train_step_fn(eager, x, y), train_step_fn(compiled_model, x, y)]
+    start = time.perf_counter()
+    steps[1]()
+    compile_s = time.perf_counter() - start
+    eager_ms, compiled_ms = alternate(steps, reps)
+    print(f"{model_name} (batch {batch}, {backend}): eager {eager_ms:.1f} ms, compiled {compiled_ms:.1f} ms, "
+          f"compile {compile_s:.1f} s")  # fmt: skip
+    return {"model": model_name, "batch": batch, "backend": backend, "eager_ms": eager_ms,
+            "compiled_ms": compiled_ms, "speedup": eager_ms / compiled_ms, "compile_s": compile_s}  # fmt: skip
+
+
+def compile_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
+    header = ["model", "batch", "backend", "eager ms", "compiled ms", "speed-up", "compile s"]
+    body = [
+        [f"`{r['model']}`", str(r["batch"]), r["backend"], f"{r['eager_ms']:.1f}", f"{r['compiled_ms']:.1f}",
+         f"{r['speedup']:.2f}x", f"{r['compile_s']:.0f}"]
+        for r in results
+    ]  # fmt: skip
+    return header, body
+
+
+def compile_markdown(payload: dict) -> list[str]:
+    """The compiled-step section of the docs (empty when the run skipped it)."""
+    results = payload.get("compile")
+    if not results:
+        return []
+    return [
+        "",
+        "#### Compiled training step",
+        "",
+        markdown_table(*compile_rows(results)),
+        "",
+        "Training step (as above) in eager mode and with the model's forward under `torch.compile`, timed in "
+        f"alternation, medians of {payload['reps']} repetitions; compile s: the first compiled step, tracing and "
+        "code generation included.",
+    ]
+
+
 def floor_lines(floors: list[dict]) -> list[str]:
     lines = []
     for f in floors:
@@ -275,6 +334,7 @@ def markdown(payload: dict) -> str:
         *target_lines(payload["results"]),
         "",
         f"For comparison, the authors' implementation: {AUTHORS_TRAIN}.",
+        *compile_markdown(payload),
     ])  # fmt: skip
 
 
@@ -297,6 +357,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / "outputs" / "benchmarks" / "models.json")
     parser.add_argument("--update-docs", action="store_true", help="rewrite the generated sections of the docs")
     parser.add_argument("--render", type=Path, help="rewrite the docs from the JSON of an earlier run")
+    parser.add_argument("--skip-compile", action="store_true", help="leave out the compiled training step")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default: inductor)")
     args = parser.parse_args()
     if args.render:
         update_docs(json.loads(args.render.read_text()))
@@ -317,6 +379,10 @@ def main() -> None:
         "floor_reps": floor_reps,
         "floors": [inference_floor(base, ssm, TARGET_BATCH, floor_reps) for base, ssm in pairs],
     }
+    if not args.skip_compile:
+        backend = args.compile_backend
+        payload["compile"] = [measure_compiled(COMPILE_MODEL, b, args.reps, backend) for b in COMPILE_BATCHES]
+        print(text_table(*compile_rows(payload["compile"])))
     report(payload, rows(results), target_lines(results), args.json, update_docs if args.update_docs else None)
 
 

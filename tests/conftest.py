@@ -23,7 +23,7 @@ TOL: dict[object, dict[str, float]] = {
     torch.float32: dict(rtol=1e-4, atol=1e-4),
     torch.float16: dict(fro=1e-2),
     torch.bfloat16: dict(fro=5e-2),
-    "golden": dict(fro=1e-5),  # spec section 9: float64 vs the authors' float32 kernels
+    "golden": dict(fro=1e-5),  # docs/math.md §3: float64 vs the authors' float32 kernels
 }
 
 # Sizes used wherever a grid or kernel size is parametrized: odd, non-square, degenerate.
@@ -118,7 +118,7 @@ def tiny_vit(**overrides) -> torch.nn.Module:
 
 
 def causal_conv_oracle(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-    """Independent oracle of spec section 6 with F.conv2d.
+    """Independent oracle of docs/math.md §6.1 with F.conv2d.
 
     x (B, H, W, C), kernels (d, C, kh, kw): for each direction flip the input per
     DIRECTION_FLIPS, zero-pad top/left, correlate with the flipped kernel (= causal

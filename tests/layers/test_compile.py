@@ -65,10 +65,11 @@ def test_fullgraph_compile_matches_eager(case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["ssm2d-fft", "s4nd-direct"])
-def test_inductor_compile_matches_eager(case):
-    """The default backend, which compiles C++ on a CPU (minutes on a loaded 2-core machine)."""
-    eager_and_compiled(make(case).train(), "inductor", torch.randn(2, 5, 7, 6, requires_grad=True))
+def test_inductor_compile_matches_eager():
+    """The default backend, which generates and compiles C++ on a CPU: about a minute for S4ND
+    on a loaded 2-core machine. (SSM2D's graphs, the closed-form kernel's many small ops, took
+    22 minutes there: too long for the suite; `aot_eager` above checks the same graphs.)"""
+    eager_and_compiled(make("s4nd-direct").train(), "inductor", torch.randn(2, 5, 7, 6, requires_grad=True))
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
-"""The S4ND layer: output against the spec's formulas, fast vs ref path, separability, resolution
-change, placements in timm backbones, init and errors (related-systems spec section 1.1)."""
+"""The S4ND layer: output against the paper's formulas, fast vs ref path, separability, resolution
+change, placements in timm backbones, init and errors (docs/math.md §8)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def one_sided(layer: S4ND, axis: int, length: int, rate: float) -> torch.Tensor:
 
 
 def toeplitz(forward: torch.Tensor, backward: torch.Tensor | None, size: int, taps: int) -> torch.Tensor:
-    """(C, size, size) matrices of spec 1.1's y[i] = sum_j forward[j] u[i-j] + backward[j] u[i+j+1],
+    """(C, size, size) matrices of docs/math.md §8's y[i] = sum_j forward[j] u[i-j] + backward[j] u[i+j+1],
     with j < taps for the forward kernel and offsets down to -(taps - 1) for the backward one."""
     t = forward.new_zeros(forward.shape[0], size, size)
     for i in range(size):
@@ -76,7 +76,7 @@ def oracle_forward(layer: S4ND, x: torch.Tensor, rate: float = 1.0) -> torch.Ten
 
 
 def spec_fft_forward(layer: S4ND, x: torch.Tensor) -> torch.Tensor:
-    """The reference implementation's 2-D path (spec 1.1, contract_version=0), global kernels,
+    """The reference implementation's 2-D path (contract_version=0), global kernels,
     linear layer: kernels F.pad(k0, (0, L)) + F.pad(k1.flip(-1), (L, 0)), FFT size 2L per axis."""
     _, h, w, _ = x.shape
     axes = []
@@ -91,7 +91,7 @@ def spec_fft_forward(layer: S4ND, x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Output against the spec's formulas, fast path against ref path
+# Output against the paper's formulas, fast path against ref path
 
 
 @pytest.mark.parametrize("conv_method", ["auto", "fft", "direct"])
@@ -158,7 +158,7 @@ def singular_ratios(kernels: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("config", ["default", "glu", "bandlimit_rate"])
 def test_s4nd_kernels_are_rank_one(config, state_dim):
     """Every channel's 2-D kernel (all four quadrants together) is one outer product: the sum over
-    state pairs (n, m) of C_n C_m terms factors into (sum over n) x (sum over m) (spec 1.1).
+    state pairs (n, m) of C_n C_m terms factors into (sum over n) x (sum over m) (docs/math.md §8).
 
     Float64: sigma_2 / sigma_1 is round-off (measured ~2e-16; bound 1e-12), against >= 1e-2 for
     the 2-D SSM below (bound 1e-3).
@@ -220,7 +220,7 @@ def test_zero_shot_resolution_is_exact_on_held_inputs(config, factor):
 
 def test_zero_shot_resolution_approximates_smooth_inputs():
     """A smooth input upsampled 2x (bilinear), run at rate 0.5 and averaged over each 2 x 2 block,
-    approximates the coarse output; bandlimiting (alpha 0.2, the spec's CIFAR resolution config)
+    approximates the coarse output; bandlimiting (alpha 0.2, the S4ND code's CIFAR resolution config)
     makes it closer, and keeping rate 1 on the finer grid is far off.
 
     Thresholds from 12 seeds: relative error 0.14-0.23 with the bandlimit (bound 0.3), 0.28-0.49

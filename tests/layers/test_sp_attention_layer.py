@@ -122,7 +122,7 @@ def test_init_follows_spec():
 
 
 def test_prior_first_layer_gets_gradient_only_once_w2_moves():
-    """w2 = 0 at init (spec section 4.1) gives W1, b1 exactly zero gradient until w2 moves."""
+    """w2 = 0 at init (docs/math.md §11) gives W1, b1 exactly zero gradient until w2 moves."""
     layer = SPAttention(12, 3).double()
     x = torch.randn(2, 4, 5, 12, dtype=F64)
     layer(x).square().sum().backward()
@@ -152,7 +152,7 @@ def test_default_heads_and_params():
     groups = ssm2d.param_groups(layer, 0.05)
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     names = {n for n, p in layer.named_parameters() if id(p) in decayed}
-    # timm's rule: 1-D parameters (w2 is stored as a D-vector, spec section 4.1), biases and norms do not decay.
+    # timm's rule: 1-D parameters (w2 is stored as a D-vector, docs/math.md §11), biases and norms do not decay.
     assert names == {"qk.weight", "v.weight", "proj.weight", "prior.fc1.weight"}
 
 

@@ -1,4 +1,4 @@
-"""The SSM2D layer: output, layouts, init, cache, precision, errors (spec sections 4-7)."""
+"""The SSM2D layer: output, layouts, init, cache, precision, errors (docs/math.md §4-6)."""
 
 from __future__ import annotations
 

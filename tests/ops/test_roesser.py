@@ -1,4 +1,4 @@
-"""roesser_kernel (closed form) and roesser_kernel_ref (recurrence): spec sections 1-3 and 9."""
+"""roesser_kernel (closed form) and roesser_kernel_ref (recurrence): docs/math.md §1-3."""
 
 from __future__ import annotations
 

@@ -38,13 +38,18 @@ DIRECTION_FLIPS: tuple[tuple[int, ...], ...] = ((), (1, 2), (2,), (1,))
 #
 # CPU: r = (direct multiply-adds H W kh2 kw2) / (FFT work M1 M2 log2(M1 M2)).
 # - Inference: direct up to r = 60. Measured on 2 cores, B = 8 and 64, C = 64 to 192: direct
-#   wins for whole-grid kernels up to 24 x 24 (r = 49) and at 28 x 28; the FFT from 32 x 32
-#   (re-measured: see `_CPU_RULE_MEASUREMENTS` below).
+#   wins for whole-grid kernels up to 24 x 24 (r = 49) and at 28 x 28; the FFT from 32 x 32.
 # - Training (a backward follows; the direct path's kernel gradient is a correlation, see
 #   `_DirectConv`): direct up to r = 4 on any grid (small truncated kernels: 0.55-0.9x the
 #   FFT's time at 32 x 32 and 56 x 56), and up to r = 36 on grids of at most 400 cells
 #   (whole-grid kernels up to 20 x 20: 0.7x at 16 x 16, 1.0x at 20 x 20); but not 7 x 7
 #   truncations of 32 x 32 grids (r = 10: 1.2-1.8x the FFT's time).
+# Re-measured in alternation on the same 2 cores under a load average of 10-14 (C = 96, d = 4,
+# direct / FFT time): training 0.51 at 16 x 16 (B = 8), 1.12 / 0.95 at 20 x 20 (B = 8 / 64),
+# 0.86 at 24 x 24, 0.62 for 7 x 7 truncations of 32 x 32, 0.70-0.72 for 4 x 4 truncations of
+# 32 x 32 and 56 x 56; inference 0.08-0.11 from 24 x 24 to 32 x 32. Under that load the FFT
+# (which allocates the most) slowed most, so these numbers favour the direct path more than
+# the quiet-machine fit; the constants keep the quiet-machine values.
 _CPU_DIRECT_MAX_RATIO_INFERENCE = 60.0
 _CPU_DIRECT_MAX_RATIO_TRAINING = 4.0
 _CPU_SMALL_GRID_AREA = 400
@@ -55,7 +60,7 @@ _CPU_DIRECT_MAX_RATIO_SMALL_GRID = 36.0
 # kernel is small (cuDNN's depthwise kernels are tuned for 3 x 3 to 7 x 7), and its work grows
 # with the kernel's area, while cuFFT's batched transforms cost a few passes over the padded
 # map whatever the kernel size. Whole-grid kernels, (2H-1) x (2W-1) taps, therefore take the
-# FFT on every grid. The GPU paths use plain autograd (`_gpu_direct_conv`, `fft_conv2d`).
+# FFT on every grid. The GPU paths use plain autograd (`_conv2d`; `_spectral_conv` in fftconv.py).
 _GPU_DIRECT_MAX_TAPS = 7
 # Kernel gradient of the CPU direct path: one batched matmul over all pairs of cells
 # (`_correlate_dense`, C L^2 (a B + b) work for L = H W cells) or the FFT correlation

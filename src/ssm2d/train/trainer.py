@@ -25,6 +25,7 @@ import yaml
 from timm.data import Mixup
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import is_model, model_entrypoint
 from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -54,14 +55,17 @@ def model_args(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
     return {**args, **cfg.model_kwargs}
 
 
+# Model families (the module of timm's entrypoint, last part) whose models are built for one
+# input size and take `img_size`: the transformers and scans. Convolutional families take none.
+_SIZED_FAMILIES = frozenset({"vit", "vision_transformer", "deit", "swin", "swin_transformer", "spvit", "vim", "v2m"})
+
+
 def build_model(name: str, args: dict[str, Any]) -> nn.Module:
-    """`create_model(name, **args)`; a model without a fixed input size (ConvNeXt) takes no img_size."""
-    try:
-        return create_model(name, **args)
-    except TypeError as err:
-        if "img_size" not in str(err):
-            raise
-    return create_model(name, **{k: v for k, v in args.items() if k != "img_size"})
+    """`create_model(name, **args)`, without `img_size` for a family that takes none (ConvNeXt)."""
+    family = model_entrypoint(name).__module__.rsplit(".", 1)[-1] if is_model(name) else ""
+    if family not in _SIZED_FAMILIES:
+        args = {k: v for k, v in args.items() if k != "img_size"}
+    return create_model(name, **args)
 
 
 def _seed_everything(seed: int, epoch: int, rank: int) -> int:
