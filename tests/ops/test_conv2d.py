@@ -247,7 +247,8 @@ def test_auto_path_matches_ref_on_both_sides_of_the_rule(backward):
         assert_close(y, ref, torch.float64, f"auto on {grid}")
         if backward:
             upstream = torch.randn_like(ref)
-            for name, g, g_ref in zip(("x", "kernels"), grads(y, (x, kernels), upstream), grads(ref, (x, kernels), upstream)):
+            pairs = zip(grads(y, (x, kernels), upstream), grads(ref, (x, kernels), upstream))
+            for name, (g, g_ref) in zip(("x", "kernels"), pairs):
                 assert_close(g, g_ref, torch.float64, f"auto grad {name} on {grid}")
     assert picked == {"fft", "direct"}, f"the two grids should fall on both sides of the rule, got {picked}"
 
