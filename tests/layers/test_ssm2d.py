@@ -607,17 +607,20 @@ def test_extra_repr_shows_kernel_size(kernel_size, text):
     assert layer.kernel_size == expected and isinstance(layer.kernel_size, (tuple, type(None)))
 
 
-def test_auto_method_follows_the_need_for_a_backward(monkeypatch):
-    """On a 24 x 24 grid "auto" runs the FFT when a backward follows, the direct path otherwise."""
+def test_auto_method_follows_the_rule_with_and_without_a_backward(monkeypatch):
+    """"auto" takes the path `choose_conv_method` gives for a training call (a backward follows)
+    and for an inference call, and both give the same output."""
     calls = []
     for name in ("fft_conv2d", "direct_conv2d"):
         original = getattr(LAYER_MODULE, name)
         monkeypatch.setattr(LAYER_MODULE, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
     layer = make_layer(dim=4, dtype=torch.float32)
-    x = torch.randn(2, 24, 24, 4)
+    grid = (24, 24)
+    x = torch.randn(2, *grid, 4)
     train_out = layer(x)
     layer.eval()
     with torch.no_grad():
         eval_out = layer(x)
-    assert calls == ["fft_conv2d", "direct_conv2d"]
-    assert_close(eval_out, train_out.detach().double(), torch.float32, "direct (inference) vs fft (training)")
+    expected = [f"{LAYER_MODULE.choose_conv_method(grid, grid, backward=b)}_conv2d" for b in (True, False)]
+    assert calls == expected
+    assert_close(eval_out, train_out.detach().double(), torch.float32, "inference vs training path")
