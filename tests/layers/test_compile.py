@@ -66,13 +66,12 @@ def test_fullgraph_compile_matches_eager(case):
 
 @pytest.mark.slow
 def test_inductor_compile_matches_eager():
-    """The default backend, which generates and compiles C++ on a CPU: about a minute for S4ND
-    on a loaded 2-core machine. (SSM2D's graphs, the closed-form kernel's many small ops, took
+    """The default backend, which generates and compiles C++ on a CPU: about 30 s for S4ND on a
+    loaded 2-core machine. (SSM2D's graphs, the closed-form kernel's many small ops, took
     22 minutes there: too long for the suite; `aot_eager` above checks the same graphs.)"""
     eager_and_compiled(make("s4nd-direct").train(), "inductor", torch.randn(2, 5, 7, 6, requires_grad=True))
 
 
-@pytest.mark.slow
 def test_registered_model_compiles():
     """A +2-D SSM model (train mode, no dropout or drop-path by default): output and the first
     2-D SSM layer's gradient equal eager mode's."""
