@@ -1,15 +1,11 @@
-"""Cost of the 2-D SSM in whole models: each +2-D SSM model against its own baseline.
+"""Cost of the spatial layers in whole models, each model against its own baseline.
 
-For each pair (float32, default resolution; batch 8, the batch of the targets, and batch 64
-for context, where the kernels' fixed cost per step is spread over more images):
+For each +2-D SSM pair (float32, default resolution; batch 8, the batch of the targets, and
+batch 64 for context, where the kernels' fixed cost per step is spread over more images):
 - training step: forward + cross-entropy backward + AdamW step, in train mode;
 - inference: eval mode under torch.no_grad, the SSM kernels cached after a first call.
 Baseline and SSM model are timed in alternation, repetition by repetition, so that both see
 the same machine state; the ratio is that of the medians.
-
-The Mega section times the training step of `mega_sd_32_ssm2d` (the 2-D SSM in Mega's
-moving-average slot) against `mega_sd_32_ema` (Mega's own EMA) and `mega_sd_32` (no moving
-average, "Mega-ablate"), the three in alternation, at the same batches.
 
 The inference floor (batch 8) times each +2-D SSM model twice more, in the same alternation:
 with every 2-D SSM layer cut down to its convolution alone (kernel prepared once, on the path
@@ -17,13 +13,20 @@ the cost model picks), and with every layer replaced by the identity (what remai
 placement: splitting off prefix tokens and joining them back). The first is the least the
 layer can cost as it is applied; the second, the least its placement costs.
 
+Further sections, each with its own JSON key and table:
+- "mega": the training step of `mega_sd_32_ssm2d` (the 2-D SSM in Mega's moving-average slot)
+  against `mega_sd_32_ema` (Mega's own EMA) and `mega_sd_32` (no moving average, "Mega-ablate"),
+  the three in alternation, at the same batches.
+- "compile": the training step of `vit_sd_32_ssm2d` (batch 8 and 64) under `torch.compile`
+  against eager mode, in alternation, with the compile time (the first compiled step).
+- "deploy": inference of `vit_mini_28_ssm2d` at batch 1 and 64 in eager PyTorch (eval, no_grad,
+  kernels cached) and in onnxruntime on the file of `ssm2d export` (kernels materialized as
+  depthwise convolutions), in alternation.
+
     python benchmarks/models.py                 # table and JSON in outputs/
     python benchmarks/models.py --update-docs   # also rewrites docs/benchmarks.md and README.md
+    python benchmarks/models.py --skip-compile  # without the compiled-step section (minutes of compiling)
     python benchmarks/models.py --render outputs/benchmarks/models.json   # docs from an earlier run
-
-Deployment (its own section, JSON key "deploy"): inference of `vit_mini_28_ssm2d` at batch 1 and
-64 in eager PyTorch (eval, no_grad, kernels cached) and in onnxruntime on the file of
-`ssm2d export` (kernels materialized as depthwise convolutions), timed in alternation.
 """
 
 from __future__ import annotations
@@ -219,6 +222,60 @@ def inference_floor(base_name: str, ssm_name: str, batch: int, reps: int) -> dic
     return {"model": ssm_name, "batch": batch, **dict(zip(("baseline", "model_ms", "conv_only", "identity"), times))}
 
 
+COMPILE_MODEL = "vit_sd_32_ssm2d"
+COMPILE_BATCHES = [8, 64]
+
+
+def measure_compiled(model_name: str, batch: int, reps: int, backend: str) -> dict:
+    """Training step of `model_name` eager and under torch.compile, timed in alternation; the
+    compile time is that of the first compiled step (tracing, code generation, the step)."""
+    torch.manual_seed(0)
+    eager = ssm2d.create_model(model_name)
+    compiled_model = ssm2d.create_model(model_name)
+    compiled_model.load_state_dict(eager.state_dict())
+    c, h, w = eager.pretrained_cfg["input_size"]
+    x = torch.randn(batch, c, h, w)
+    y = torch.randint(0, eager.num_classes, (batch,))
+    torch._dynamo.reset()
+    compiled_model.forward = torch.compile(compiled_model.forward, backend=backend)
+    steps = [train_step_fn(eager, x, y), train_step_fn(compiled_model, x, y)]
+    start = time.perf_counter()
+    steps[1]()
+    compile_s = time.perf_counter() - start
+    eager_ms, compiled_ms = alternate(steps, reps)
+    print(f"{model_name} (batch {batch}, {backend}): eager {eager_ms:.1f} ms, compiled {compiled_ms:.1f} ms, "
+          f"compile {compile_s:.1f} s")  # fmt: skip
+    return {"model": model_name, "batch": batch, "backend": backend, "eager_ms": eager_ms,
+            "compiled_ms": compiled_ms, "speedup": eager_ms / compiled_ms, "compile_s": compile_s}  # fmt: skip
+
+
+def compile_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
+    header = ["model", "batch", "backend", "eager ms", "compiled ms", "speed-up", "compile s"]
+    body = [
+        [f"`{r['model']}`", str(r["batch"]), r["backend"], f"{r['eager_ms']:.1f}", f"{r['compiled_ms']:.1f}",
+         f"{r['speedup']:.2f}x", f"{r['compile_s']:.0f}"]
+        for r in results
+    ]  # fmt: skip
+    return header, body
+
+
+def compile_markdown(payload: dict) -> list[str]:
+    """The compiled-step section of the docs (empty when the run skipped it)."""
+    results = payload.get("compile")
+    if not results:
+        return []
+    return [
+        "",
+        "#### Compiled training step",
+        "",
+        markdown_table(*compile_rows(results)),
+        "",
+        "Training step (as above) in eager mode and with the model's forward under `torch.compile`, timed in "
+        f"alternation, medians of {payload['reps']} repetitions; compile s: the first compiled step, tracing and "
+        "code generation included.",
+    ]
+
+
 def floor_lines(floors: list[dict]) -> list[str]:
     lines = []
     for f in floors:
@@ -285,6 +342,7 @@ def markdown(payload: dict) -> str:
         *target_lines(payload["results"]),
         "",
         f"For comparison, the authors' implementation: {AUTHORS_TRAIN}.",
+        *compile_markdown(payload),
     ])  # fmt: skip
 
 
@@ -430,6 +488,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / "outputs" / "benchmarks" / "models.json")
     parser.add_argument("--update-docs", action="store_true", help="rewrite the generated sections of the docs")
     parser.add_argument("--render", type=Path, help="rewrite the docs from the JSON of an earlier run")
+    parser.add_argument("--skip-compile", action="store_true", help="leave out the compiled training step")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default: inductor)")
     args = parser.parse_args()
     if args.render:
         update_docs(json.loads(args.render.read_text()))
@@ -454,6 +514,10 @@ def main() -> None:
     }
     print(text_table(*mega_rows(payload["mega"])))
     print(text_table(*deploy_rows(payload["deploy"])))
+    if not args.skip_compile:
+        backend = args.compile_backend
+        payload["compile"] = [measure_compiled(COMPILE_MODEL, b, args.reps, backend) for b in COMPILE_BATCHES]
+        print(text_table(*compile_rows(payload["compile"])))
     report(payload, rows(results), target_lines(results), args.json, update_docs if args.update_docs else None)
 
 

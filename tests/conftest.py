@@ -23,7 +23,7 @@ TOL: dict[object, dict[str, float]] = {
     torch.float32: dict(rtol=1e-4, atol=1e-4),
     torch.float16: dict(fro=1e-2),
     torch.bfloat16: dict(fro=5e-2),
-    "golden": dict(fro=1e-5),  # spec section 9: float64 vs the authors' float32 kernels
+    "golden": dict(fro=1e-5),  # docs/math.md §3: float64 vs the authors' float32 kernels
 }
 
 # Sizes used wherever a grid or kernel size is parametrized: odd, non-square, degenerate.
@@ -102,8 +102,23 @@ def grads(output: torch.Tensor, inputs, upstream: torch.Tensor) -> tuple[torch.T
     return torch.autograd.grad(output, list(inputs), upstream, allow_unused=True, materialize_grads=True)
 
 
+def param_grads(layer: torch.nn.Module, x: torch.Tensor, upstream: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Gradients of <layer(x), upstream> w.r.t. x (key "x") and every named parameter."""
+    names, params = zip(*layer.named_parameters())
+    return dict(zip(("x", *names), grads(layer(x), (x, *params), upstream)))
+
+
+def tiny_vit(**overrides) -> torch.nn.Module:
+    """A small timm ViT (32 x 32 input, patch 4: an 8 x 8 grid; width 24, 2 blocks, 3 heads,
+    5 classes, a class and a register token, any input size); keyword arguments override."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    args = dict(img_size=32, patch_size=4, embed_dim=24, depth=2, num_heads=3, num_classes=5, reg_tokens=1)
+    return VisionTransformer(**{**args, "dynamic_img_size": True, **overrides})
+
+
 def causal_conv_oracle(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-    """Independent oracle of spec section 6 with F.conv2d.
+    """Independent oracle of docs/math.md §6.1 with F.conv2d.
 
     x (B, H, W, C), kernels (d, C, kh, kw): for each direction flip the input per
     DIRECTION_FLIPS, zero-pad top/left, correlate with the flipped kernel (= causal

@@ -1,5 +1,5 @@
-"""The S4ND layer: output against the spec's formulas, fast vs ref path, separability, resolution
-change, placements in timm backbones, init and errors (related-systems spec section 1.1)."""
+"""The S4ND layer: output against the paper's formulas, fast vs ref path, separability, resolution
+change, placements in timm backbones, init and errors (docs/math.md §8)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import TOL, assert_close, grads, rel_fro, size_id
+from conftest import TOL, assert_close, param_grads, rel_fro, size_id, tiny_vit
 from timm.models.convnext import ConvNeXt
-from timm.models.vision_transformer import VisionTransformer
 
 import ssm2d
 from ssm2d import SSM2D
@@ -36,12 +35,6 @@ def make_layer(dim=4, state_dim=6, dtype=F64, **kwargs) -> S4ND:
     return S4ND(dim, state_dim=state_dim, **kwargs).to(dtype)
 
 
-def param_grads(layer: nn.Module, x: torch.Tensor, upstream: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Gradients of <layer(x), upstream> w.r.t. x (key "x") and every named parameter."""
-    names, params = zip(*layer.named_parameters())
-    return dict(zip(("x", *names), grads(layer(x), (x, *params), upstream)))
-
-
 def one_sided(layer: S4ND, axis: int, length: int, rate: float) -> torch.Tensor:
     """(sides G, C, length) kernels of one axis, straight from the parameters by the ZOH recurrence."""
     c = torch.view_as_complex(layer.C[axis]) * torch.view_as_complex(layer.B[axis])
@@ -50,7 +43,7 @@ def one_sided(layer: S4ND, axis: int, length: int, rate: float) -> torch.Tensor:
 
 
 def toeplitz(forward: torch.Tensor, backward: torch.Tensor | None, size: int, taps: int) -> torch.Tensor:
-    """(C, size, size) matrices of spec 1.1's y[i] = sum_j forward[j] u[i-j] + backward[j] u[i+j+1],
+    """(C, size, size) matrices of docs/math.md §8's y[i] = sum_j forward[j] u[i-j] + backward[j] u[i+j+1],
     with j < taps for the forward kernel and offsets down to -(taps - 1) for the backward one."""
     t = forward.new_zeros(forward.shape[0], size, size)
     for i in range(size):
@@ -83,7 +76,7 @@ def oracle_forward(layer: S4ND, x: torch.Tensor, rate: float = 1.0) -> torch.Ten
 
 
 def spec_fft_forward(layer: S4ND, x: torch.Tensor) -> torch.Tensor:
-    """The reference implementation's 2-D path (spec 1.1, contract_version=0), global kernels,
+    """The reference implementation's 2-D path (contract_version=0), global kernels,
     linear layer: kernels F.pad(k0, (0, L)) + F.pad(k1.flip(-1), (L, 0)), FFT size 2L per axis."""
     _, h, w, _ = x.shape
     axes = []
@@ -98,7 +91,7 @@ def spec_fft_forward(layer: S4ND, x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Output against the spec's formulas, fast path against ref path
+# Output against the paper's formulas, fast path against ref path
 
 
 @pytest.mark.parametrize("conv_method", ["auto", "fft", "direct"])
@@ -165,7 +158,7 @@ def singular_ratios(kernels: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("config", ["default", "glu", "bandlimit_rate"])
 def test_s4nd_kernels_are_rank_one(config, state_dim):
     """Every channel's 2-D kernel (all four quadrants together) is one outer product: the sum over
-    state pairs (n, m) of C_n C_m terms factors into (sum over n) x (sum over m) (spec 1.1).
+    state pairs (n, m) of C_n C_m terms factors into (sum over n) x (sum over m) (docs/math.md §8).
 
     Float64: sigma_2 / sigma_1 is round-off (measured ~2e-16; bound 1e-12), against >= 1e-2 for
     the 2-D SSM below (bound 1e-3).
@@ -227,7 +220,7 @@ def test_zero_shot_resolution_is_exact_on_held_inputs(config, factor):
 
 def test_zero_shot_resolution_approximates_smooth_inputs():
     """A smooth input upsampled 2x (bilinear), run at rate 0.5 and averaged over each 2 x 2 block,
-    approximates the coarse output; bandlimiting (alpha 0.2, the spec's CIFAR resolution config)
+    approximates the coarse output; bandlimiting (alpha 0.2, the S4ND code's CIFAR resolution config)
     makes it closer, and keeping rate 1 on the finer grid is far off.
 
     Thresholds from 12 seeds: relative error 0.14-0.23 with the bandlimit (bound 0.3), 0.28-0.49
@@ -274,11 +267,6 @@ def test_kernel_taps_follow_rate():
 # In timm backbones
 
 
-def tiny_vit(**kwargs) -> VisionTransformer:
-    args = dict(img_size=32, patch_size=4, embed_dim=24, depth=2, num_heads=3, num_classes=5, reg_tokens=1)
-    return VisionTransformer(**{**args, **kwargs})
-
-
 def tiny_convnext(**kwargs) -> ConvNeXt:
     # Layer scale 1 instead of timm's 1e-6, so that every block visibly shapes the output.
     args = dict(dims=(8, 16, 24, 32), depths=(1, 1, 1, 1), patch_size=1, num_classes=5, ls_init_value=1.0)
@@ -289,7 +277,7 @@ def tiny_convnext(**kwargs) -> ConvNeXt:
     "layer", [S4ND, partial(S4ND, channels=2, linear=False, glu=True)], ids=["linear", "glu"]
 )
 def test_vit_pre_attention(layer):
-    model = add_spatial_layers(tiny_vit(dynamic_img_size=True), layer=layer).train()
+    model = add_spatial_layers(tiny_vit(), layer=layer).train()
     layers = spatial_layers(model)
     assert len(layers) == 2 and all(isinstance(m, S4ND) for m in layers)
     seen = []
@@ -304,7 +292,7 @@ def test_vit_pre_attention(layer):
 
 @pytest.mark.parametrize("family", ["vit", "convnext"])
 def test_identity_retrofit_keeps_outputs(family):
-    model = (tiny_vit() if family == "vit" else tiny_convnext()).to(F64).eval()
+    model = (tiny_vit(dynamic_img_size=False) if family == "vit" else tiny_convnext()).to(F64).eval()
     placement = "pre-attention" if family == "vit" else "post-dwconv"
     x = torch.randn(2, 3, 32, 32, dtype=F64)
     with torch.no_grad():

@@ -8,9 +8,8 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import assert_close, grads, size_id
+from conftest import assert_close, param_grads, size_id, tiny_vit
 from timm.layers import Attention
-from timm.models.vision_transformer import VisionTransformer
 
 import ssm2d
 from ssm2d.layers import GridSize, SPAttention, SPAttentionOnTokens, SpatialPrior
@@ -35,11 +34,6 @@ def make_layer(dim=12, num_heads=3, dtype=F64, perturb=True, **kwargs) -> SPAtte
             for linear in (layer.qk, layer.v):  # logits of order 1 (trunc_normal(.02) makes them tiny)
                 linear.weight.normal_(0.0, 0.5)
     return layer
-
-
-def param_grads(layer, x, upstream) -> dict[str, torch.Tensor]:
-    names, params = zip(*layer.named_parameters())
-    return dict(zip(("x", *names), grads(layer(x), (x, *params), upstream)))
 
 
 @pytest.fixture
@@ -128,7 +122,7 @@ def test_init_follows_spec():
 
 
 def test_prior_first_layer_gets_gradient_only_once_w2_moves():
-    """w2 = 0 at init (spec section 4.1) gives W1, b1 exactly zero gradient until w2 moves."""
+    """w2 = 0 at init (docs/math.md §11) gives W1, b1 exactly zero gradient until w2 moves."""
     layer = SPAttention(12, 3).double()
     x = torch.randn(2, 4, 5, 12, dtype=F64)
     layer(x).square().sum().backward()
@@ -158,7 +152,7 @@ def test_default_heads_and_params():
     groups = ssm2d.param_groups(layer, 0.05)
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     names = {n for n, p in layer.named_parameters() if id(p) in decayed}
-    # timm's rule: 1-D parameters (w2 is stored as a D-vector, spec section 4.1), biases and norms do not decay.
+    # timm's rule: 1-D parameters (w2 is stored as a D-vector, docs/math.md §11), biases and norms do not decay.
     assert names == {"qk.weight", "v.weight", "proj.weight", "prior.fc1.weight"}
 
 
@@ -174,17 +168,17 @@ def test_prior_cached_per_grid_in_eval(prior_calls):
         assert layer(x).equal(y1) and prior_calls == [(3, 5)]  # the second call reads the cache
         y2 = layer(x2)  # a new grid, same token count: recomputed
         assert prior_calls == [(3, 5), (5, 3)]
-        assert layer.prior._cache[0][0] == (5, 3)
+        assert layer.prior._cache.key[0] == (5, 3)
         fresh = copy.deepcopy(layer).train().eval()
-        assert fresh.prior._cache is None
+        assert fresh.prior._cache.key is None
         assert torch.equal(fresh(x2), y2) and len(prior_calls) == 3
         layer.prior.w2.add_(0.1)  # a parameter update invalidates the cache
         y3 = layer(x2)
         assert len(prior_calls) == 4 and (y3 - y2).abs().max() > 1e-6
     layer.train()
-    assert layer.prior._cache is None
+    assert layer.prior._cache.key is None
     layer(x)  # training: never cached
-    assert layer.prior._cache is None
+    assert layer.prior._cache.key is None
 
 
 def test_prior_not_cached_when_gradients_are_needed(prior_calls):
@@ -192,7 +186,7 @@ def test_prior_not_cached_when_gradients_are_needed(prior_calls):
     x = torch.randn(1, 3, 5, 12, dtype=F64)
     layer(x).sum().backward()
     layer(x).sum().backward()
-    assert prior_calls == [(3, 5), (3, 5)] and layer.prior._cache is None
+    assert prior_calls == [(3, 5), (3, 5)] and layer.prior._cache.key is None
     assert layer.prior.w2.grad.abs().max() > 0
 
 
@@ -200,13 +194,8 @@ def test_prior_not_cached_when_gradients_are_needed(prior_calls):
 # In a timm ViT: pre-attention retrofit, identity, and the token adapter
 
 
-def tiny_vit(**kwargs) -> VisionTransformer:
-    args = dict(img_size=(16, 24), patch_size=4, embed_dim=24, depth=2, num_heads=3, num_classes=5, reg_tokens=1)
-    return VisionTransformer(**{**args, **kwargs}, dynamic_img_size=True).eval()
-
-
 def test_retrofit_pre_attention():
-    model = tiny_vit()
+    model = tiny_vit(img_size=(16, 24)).eval()
     x = torch.randn(2, 3, 16, 24)
     with torch.no_grad():
         y0 = model(x)
@@ -216,11 +205,11 @@ def test_retrofit_pre_attention():
         y1 = model(x)
         assert y1.shape == y0.shape and (y1 - y0).abs().max() > 1e-4
         assert model(torch.randn(2, 3, 20, 12)).shape == (2, 5)  # a 5 x 3 grid
-        assert layers[0].prior._cache[0][0] == (5, 3)
+        assert layers[0].prior._cache.key[0] == (5, 3)
 
 
 def test_retrofit_identity():
-    model = tiny_vit()
+    model = tiny_vit(img_size=(16, 24)).eval()
     x = torch.randn(2, 3, 16, 24)
     with torch.no_grad():
         y0 = model(x)

@@ -1,4 +1,4 @@
-"""The SSM2D layer: output, layouts, init, cache, precision, errors (spec sections 4-7)."""
+"""The SSM2D layer: output, layouts, init, cache, precision, errors (docs/math.md §4-6)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, causal_conv_oracle, grads, rel_fro, size_id
+from conftest import assert_close, causal_conv_oracle, param_grads, rel_fro, size_id
 from torch.func import functional_call
 
 from ssm2d import SSM2D
@@ -35,13 +35,6 @@ def naive_forward(layer: SSM2D, x: torch.Tensor) -> torch.Tensor:
     if layer.omega is not None:
         y = y + layer.omega * x
     return layer.norm(y)
-
-
-def param_grads(layer: SSM2D, x: torch.Tensor, upstream: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Gradients of <layer(x), upstream> w.r.t. x (key "x") and every named parameter."""
-    names, params = zip(*layer.named_parameters())
-    values = grads(layer(x), (x, *params), upstream)
-    return dict(zip(("x", *names), values))
 
 
 def assert_same_grads(actual: dict, expected: dict, dtype) -> None:
@@ -340,14 +333,33 @@ def test_cache_not_shared_between_autocast_and_float32():
     assert_close(y, fresh_output(layer, x), torch.float32, "float32 forward after an autocast forward")
 
 
-def test_cache_sees_updates_through_data():
+def test_cache_after_writes_through_data_is_dropped_by_train():
+    """Writes through `.data` bypass the version counters the cache is keyed on (no value is
+    read, so no device sync); `train()` drops the cache, as documented."""
     layer = make_layer().eval()
     x = random_input(layer, (5, 7))
     with torch.no_grad():
         layer(x)
         layer.c_raw.data.add_(0.5)
+        layer.train().eval()
         y = layer(x)
-    assert_close(y, fresh_output(layer, x), torch.float64, "after c_raw.data.add_")
+    assert_close(y, fresh_output(layer, x), torch.float64, "after c_raw.data.add_ and train()")
+
+
+@pytest.mark.parametrize("move", ["float32", "replace"])
+def test_cache_sees_dtype_moves_and_replaced_parameters(kernel_calls, move):
+    layer = make_layer().eval()
+    x = random_input(layer, (5, 7))
+    with torch.no_grad():
+        layer(x)
+        if move == "float32":
+            layer.float()
+            x = x.float()
+        else:
+            layer.c_raw = torch.nn.Parameter(layer.c_raw.detach() + 0.5)
+        y = layer(x)
+    assert len(kernel_calls) == 2, f"{move}: the kernel was not recomputed"
+    assert_close(y, fresh_output(layer, x), torch.float32, f"after {move}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,14 +548,15 @@ def test_kernel_grid_and_folded_kernel_size(kernel_calls, kernel_size, grid, exp
     with torch.no_grad():
         layer(x)
     assert kernel_calls == [expected], f"kernel computed for {kernel_calls}, expected only {expected}"
-    folded = layer._cache[1]  # direct method: the folded (C, 2kh-1, 2kw-1) kernel
+    folded = layer._cache.value  # direct method: the folded (C, 2kh-1, 2kw-1) kernel
     assert folded.shape == (layer.dim, 2 * kh - 1, 2 * kw - 1), f"folded kernel {tuple(folded.shape)}"
     layer.conv_method = "fft"
     with torch.no_grad():
         layer(x)
     m1, m2 = LAYER_MODULE.fft_shape(grid, expected)
     assert m1 >= grid[0] + kh - 1 and m2 >= grid[1] + kw - 1, "too small for a linear convolution"
-    assert layer._cache[1].shape == (layer.dim, m1, m2 // 2 + 1), f"spectrum {tuple(layer._cache[1].shape)}"
+    spectrum = layer._cache.value
+    assert spectrum.shape == (layer.dim, m1, m2 // 2 + 1), f"spectrum {tuple(spectrum.shape)}"
 
 
 @pytest.mark.parametrize("kernel_size", [None, 3], ids=str)
@@ -573,10 +586,9 @@ def test_reset_to_identity_invalidates_eval_cache(kernel_calls, conv_method):
     x = random_input(layer, (5, 7))
     with torch.no_grad():
         y0 = layer(x)
-    assert layer._cache is not None and len(kernel_calls) == 1
+    assert layer._cache.value is not None and len(kernel_calls) == 1
     assert rel_fro(y0, x) > 0.1
     layer.reset_to_identity()
-    assert layer._cache is None, "reset_to_identity must drop the cached kernel"
     with torch.no_grad():
         y1 = layer(x)
     assert len(kernel_calls) == 2, "the kernel was not recomputed after reset_to_identity"
@@ -595,17 +607,20 @@ def test_extra_repr_shows_kernel_size(kernel_size, text):
     assert layer.kernel_size == expected and isinstance(layer.kernel_size, (tuple, type(None)))
 
 
-def test_auto_method_follows_the_need_for_a_backward(monkeypatch):
-    """On a 24 x 24 grid "auto" runs the FFT when a backward follows, the direct path otherwise."""
+def test_auto_method_follows_the_rule_with_and_without_a_backward(monkeypatch):
+    """"auto" takes the path `choose_conv_method` gives for a training call (a backward follows)
+    and for an inference call, and both give the same output."""
     calls = []
     for name in ("fft_conv2d", "direct_conv2d"):
         original = getattr(LAYER_MODULE, name)
         monkeypatch.setattr(LAYER_MODULE, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
     layer = make_layer(dim=4, dtype=torch.float32)
-    x = torch.randn(2, 24, 24, 4)
+    grid = (24, 24)
+    x = torch.randn(2, *grid, 4)
     train_out = layer(x)
     layer.eval()
     with torch.no_grad():
         eval_out = layer(x)
-    assert calls == ["fft_conv2d", "direct_conv2d"]
-    assert_close(eval_out, train_out.detach().double(), torch.float32, "direct (inference) vs fft (training)")
+    expected = [f"{LAYER_MODULE.choose_conv_method(grid, grid, backward=b)}_conv2d" for b in (True, False)]
+    assert calls == expected
+    assert_close(eval_out, train_out.detach().double(), torch.float32, "inference vs training path")

@@ -9,8 +9,7 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close, grads, rel_fro, size_id
-from timm.models.vision_transformer import VisionTransformer
+from conftest import assert_close, param_grads, rel_fro, size_id, tiny_vit
 
 import ssm2d
 from ssm2d.layers import V2M
@@ -101,11 +100,6 @@ def test_full_bc_projects_b_and_c():
 
 # ---------------------------------------------------------------------------------------------
 # Fast path against the sequential reference
-
-
-def param_grads(layer: V2M, x: torch.Tensor, upstream: torch.Tensor) -> dict[str, torch.Tensor]:
-    names, params = zip(*layer.named_parameters())
-    return dict(zip(("x", *names), grads(layer(x), (x, *params), upstream)))
 
 
 @pytest.mark.parametrize(
@@ -337,13 +331,8 @@ def test_reset_to_identity():
         make_layer().reset_to_identity()
 
 
-def tiny_vit(**kwargs) -> VisionTransformer:
-    args = dict(img_size=32, patch_size=4, embed_dim=24, depth=2, num_heads=2, num_classes=5, dynamic_img_size=True)
-    return VisionTransformer(**{**args, **kwargs})
-
-
 def test_drops_into_vit_pre_attention():
-    model = add_spatial_layers(tiny_vit(), layer=partial(V2M, state_dim=4))
+    model = add_spatial_layers(tiny_vit(num_heads=2, reg_tokens=0), layer=partial(V2M, state_dim=4))
     layers = spatial_layers(model)
     assert len(layers) == 2 and all(isinstance(m, V2M) and m.dim == 24 for m in layers)
     x = torch.randn(2, 3, 28, 36)  # a non-square 7 x 9 grid
@@ -351,13 +340,13 @@ def test_drops_into_vit_pre_attention():
     for m in layers:
         assert m.pass2.A_log.grad.abs().max() > 0 and m.in_proj.weight.grad.abs().max() > 0
     # Identity insertion keeps a model's outputs.
-    base = tiny_vit().eval()
+    base = tiny_vit(num_heads=2, reg_tokens=0).eval()
     with torch.no_grad():
         expected = base(x)
         add_spatial_layers(base, layer=partial(V2M, state_dim=4, skip=True), init="identity")
         assert torch.equal(base(x), expected)
     with pytest.raises(ValueError, match="skip=True"):
-        add_spatial_layers(tiny_vit(), layer=V2M, init="identity")
+        add_spatial_layers(tiny_vit(num_heads=2, reg_tokens=0), layer=V2M, init="identity")
 
 
 # ---------------------------------------------------------------------------------------------

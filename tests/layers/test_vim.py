@@ -9,8 +9,7 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, grads, rel_fro
-from timm.models.vision_transformer import VisionTransformer
+from conftest import assert_close, grads, rel_fro, tiny_vit
 
 import ssm2d
 from ssm2d.layers import VimMixer, VimMixer2d
@@ -158,12 +157,11 @@ def test_grid_adapter_scans_row_major(grid):
     assert_close(y, tokens(x.flatten(1, 2)).unflatten(1, grid), F64, "grid vs row-major tokens")
 
 
-def tiny_vit(**kwargs) -> VisionTransformer:
-    return VisionTransformer(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2, num_classes=3, **kwargs)
+VIM_VIT = dict(img_size=16, embed_dim=16, num_heads=2, num_classes=3, reg_tokens=0)  # for tiny_vit
 
 
 def test_drops_into_a_timm_vit_before_attention():
-    model = add_spatial_layers(tiny_vit(dynamic_img_size=True), layer=partial(VimMixer2d, state_dim=4))
+    model = add_spatial_layers(tiny_vit(**VIM_VIT), layer=partial(VimMixer2d, state_dim=4))
     layers = spatial_layers(model)
     assert len(layers) == 2 and all(isinstance(m, VimMixer2d) for m in layers)
     x = torch.randn(2, 3, 16, 20)  # a 4 x 5 grid
@@ -175,7 +173,7 @@ def test_drops_into_a_timm_vit_before_attention():
 
 def test_identity_init_keeps_a_vit_unchanged():
     torch.manual_seed(0)
-    base = tiny_vit(dynamic_img_size=True).eval()
+    base = tiny_vit(**VIM_VIT).eval()
     x = torch.randn(2, 3, 16, 12)
     with torch.no_grad():
         expected = base(x)

@@ -83,7 +83,7 @@ def ssm2d_layers(model: nn.Module) -> list[SSM2D]:
 
 def cached_grids(model: nn.Module) -> list[tuple[int, int] | None]:
     """The grid of each SSM2D's eval-mode kernel cache (None where it is empty)."""
-    return [layer._cache[0][0] if layer._cache is not None else None for layer in ssm2d_layers(model)]
+    return [layer._cache.key[0] if layer._cache.key is not None else None for layer in ssm2d_layers(model)]
 
 
 def fresh_copy(model: nn.Module) -> nn.Module:

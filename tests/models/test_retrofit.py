@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import TOL, assert_close, rel_fro, size_id
+from conftest import TOL, assert_close, rel_fro, size_id, tiny_vit
 from timm.models.convnext import ConvNeXt, ConvNeXtBlock
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, window_partition
 from timm.models.vision_transformer import VisionTransformer
@@ -25,11 +25,7 @@ F64 = torch.float64
 PREFIX = 2  # class token + register token of `tiny_vit`
 
 
-def tiny_vit(**kwargs) -> VisionTransformer:
-    args = dict(
-        img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3, num_classes=7, class_token=True, reg_tokens=1
-    )
-    return VisionTransformer(**{**args, **kwargs})
+RETROFIT_VIT = dict(embed_dim=48, num_classes=7, dynamic_img_size=False)  # for tiny_vit
 
 
 def tiny_swin(**kwargs) -> SwinTransformer:
@@ -52,7 +48,7 @@ def image(batch=2, size=(32, 32), dtype=torch.float32) -> torch.Tensor:
 
 
 def retrofitted_vit(placement="pre-attention", init="default", dtype=F64, **kwargs) -> VisionTransformer:
-    model = add_spatial_layers(tiny_vit(**kwargs), placement=placement, init=init)
+    model = add_spatial_layers(tiny_vit(**{**RETROFIT_VIT, **kwargs}), placement=placement, init=init)
     return model.to(dtype).eval()
 
 
@@ -375,7 +371,7 @@ def test_grad_checkpointing_two_resolutions_in_one_graph():
 def test_spatial_layers_lists_inserted_layers_in_order():
     model = retrofitted_vit()
     assert spatial_layers(model) == [b.norm1.spatial for b in model.blocks]
-    assert spatial_layers(tiny_vit()) == []
+    assert spatial_layers(tiny_vit(**RETROFIT_VIT)) == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,12 +410,12 @@ def test_invalid_placement_lists_valid_ones(family, bad):
 
 def test_invalid_init_is_value_error():
     with pytest.raises(ValueError, match=r"init: expected 'default' or 'identity', got 'zeros'"):
-        add_spatial_layers(tiny_vit(), init="zeros")
+        add_spatial_layers(tiny_vit(**RETROFIT_VIT), init="zeros")
 
 
 def test_layer_instance_is_type_error():
     with pytest.raises(TypeError, match=r"layer: expected a layer class or factory"):
-        add_spatial_layers(tiny_vit(), layer=SSM2D(8))
+        add_spatial_layers(tiny_vit(**RETROFIT_VIT), layer=SSM2D(8))
 
 
 def test_second_insertion_is_value_error():
@@ -442,9 +438,9 @@ class DepthwiseNHWC(nn.Module):
 
 def test_identity_init_needs_reset_to_identity():
     with pytest.raises(TypeError, match=r"init='identity': DepthwiseNHWC has no reset_to_identity"):
-        add_spatial_layers(tiny_vit(), layer=DepthwiseNHWC, init="identity")
+        add_spatial_layers(tiny_vit(**RETROFIT_VIT), layer=DepthwiseNHWC, init="identity")
     # without init="identity" any (B, H, W, C) layer works
-    model = add_spatial_layers(tiny_vit(), layer=DepthwiseNHWC)
+    model = add_spatial_layers(tiny_vit(**RETROFIT_VIT), layer=DepthwiseNHWC)
     assert [type(m) for m in spatial_layers(model)] == [DepthwiseNHWC] * 2
     assert model(image()).shape == (2, 7)
 
@@ -476,12 +472,12 @@ def test_failing_layer_leaves_the_model_unchanged(family):
 
 def test_factory_returning_non_module_is_type_error():
     with pytest.raises(TypeError, match=r"layer\(dim\) to return an nn.Module, got function"):
-        add_spatial_layers(tiny_vit(), layer=lambda dim: lambda x: x)
+        add_spatial_layers(tiny_vit(**RETROFIT_VIT), layer=lambda dim: lambda x: x)
 
 
 def test_patch_dropout_is_refused():
     with pytest.raises(ValueError, match="patch_drop_rate=0"):
-        add_spatial_layers(tiny_vit(patch_drop_rate=0.5))
+        add_spatial_layers(tiny_vit(**RETROFIT_VIT, patch_drop_rate=0.5))
 
 
 def test_list_models_filters_with_shell_patterns():

@@ -67,9 +67,9 @@ def test_priors_follow_the_grid():
     perturb_priors(model)
     with torch.no_grad():
         model(torch.randn(2, 3, 32, 32))
-        assert {b.attn.mixer.prior._cache[0][0] for b in model.blocks[:3]} == {(8, 8)}
+        assert {b.attn.mixer.prior._cache.key[0] for b in model.blocks[:3]} == {(8, 8)}
         y = model(torch.randn(2, 3, 20, 36))
-        assert {b.attn.mixer.prior._cache[0][0] for b in model.blocks[:3]} == {(5, 9)}
+        assert {b.attn.mixer.prior._cache.key[0] for b in model.blocks[:3]} == {(5, 9)}
     assert y.shape == (2, 100) and torch.isfinite(y).all()
 
 

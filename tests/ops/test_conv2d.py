@@ -1,4 +1,4 @@
-"""Directional depthwise convolution: fold, FFT and direct paths (spec sections 6-7)."""
+"""Directional depthwise convolution: fold, FFT and direct paths (docs/math.md §6)."""
 
 from __future__ import annotations
 
@@ -220,24 +220,45 @@ def test_invalid_arguments_raise(case):
         call(x, kernels)
 
 
-def test_choose_conv_method():
-    assert choose_conv_method((4, 4), (4, 4)) == "direct"
-    assert choose_conv_method((32, 32), (32, 32)) == "fft"
-    assert choose_conv_method((32, 32), (2, 2)) == "direct"  # a tiny truncated kernel
-    # With a backward: direct for whole-grid kernels up to 20 x 20 and small truncations anywhere.
-    assert choose_conv_method((16, 16), (16, 16)) == "direct"
-    assert choose_conv_method((24, 24), (24, 24)) == "fft"
-    assert choose_conv_method((56, 56), (4, 4)) == "direct"
-    assert choose_conv_method((32, 32), (7, 7)) == "fft"
-    # Without a backward, the direct path wins on larger grids (measured up to about 28 x 28).
-    assert choose_conv_method((24, 24), (24, 24), backward=False) == "direct"
-    assert choose_conv_method((32, 32), (32, 32), backward=False) == "fft"
+RULE_GRIDS = [(1, 1), (1, 9), (7, 1), (5, 7), (14, 14), (16, 11), (32, 32), (56, 56), (3, 200)]
 
 
-def test_dense_correlation_cost_model():
-    """The direct path's kernel gradient: by matmul on small grids, and on larger ones at large batch."""
-    pays = conv2d_module._dense_correlation_pays
-    assert pays(8, (8, 8), (15, 15)) and pays(64, (8, 8), (15, 15)) and pays(8, (4, 4), (7, 7))
-    assert pays(64, (14, 14), (27, 27)) and not pays(8, (14, 14), (27, 27))
-    assert not pays(8, (16, 16), (31, 31)) and not pays(8, (16, 16), (7, 7))
-    assert not pays(10**6, (17, 16), (33, 31))  # above the area cap, whatever the batch
+@pytest.mark.parametrize("device", ["cpu", "cuda", "mps"])
+@pytest.mark.parametrize("backward", [True, False], ids=["training", "inference"])
+def test_choose_conv_method_returns_a_path_for_any_grid(backward, device):
+    """The rule answers for every grid and kernel size, on every device type, without running
+    anything on the device (so it can be tested here for GPUs too)."""
+    for grid in RULE_GRIDS:
+        for ksize in {grid, (1, 1), (min(grid[0], 4), min(grid[1], 4)), (min(grid[0], 7), min(grid[1], 2))}:
+            method = choose_conv_method(grid, ksize, backward=backward, device=device)
+            assert method in ("fft", "direct"), f"{grid} {ksize}: {method!r}"
+
+
+@pytest.mark.parametrize("backward", [True, False], ids=["training", "inference"])
+def test_auto_path_matches_ref_on_both_sides_of_the_rule(backward):
+    """Whatever "auto" picks, on grids where the rule picks each path, the result is the reference."""
+    picked = set()
+    for grid in [(4, 5), (33, 30)]:
+        x, kernels = _data(grid, grid, 4, channels=2)
+        x.requires_grad_(backward)
+        kernels.requires_grad_(backward)
+        picked.add(choose_conv_method(grid, grid, backward=backward))
+        y, ref = directional_conv2d(x, kernels, method="auto"), directional_conv2d_ref(x, kernels)
+        assert_close(y, ref, torch.float64, f"auto on {grid}")
+        if backward:
+            upstream = torch.randn_like(ref)
+            pairs = zip(grads(y, (x, kernels), upstream), grads(ref, (x, kernels), upstream))
+            for name, (g, g_ref) in zip(("x", "kernels"), pairs):
+                assert_close(g, g_ref, torch.float64, f"auto grad {name} on {grid}")
+    assert picked == {"fft", "direct"}, f"the two grids should fall on both sides of the rule, got {picked}"
+
+
+@pytest.mark.parametrize("method", ["fft", "direct"])
+@pytest.mark.parametrize("dense", [False, True], ids=["fft-kernel-grad", "dense-kernel-grad"])
+def test_second_derivatives_match_gradgradcheck(monkeypatch, method, dense):
+    """The fast paths' hand-written backwards are differentiable: double backward is exact."""
+    monkeypatch.setattr(conv2d_module, "_dense_correlation_pays", lambda *args: dense)
+    x, kernels = _data((3, 2), (2, 2), 4, batch=1, channels=2)
+    x.requires_grad_()
+    kernels.requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda a, k: directional_conv2d(a, k, method=method), (x, kernels))

@@ -1,5 +1,5 @@
 """s4d_kernel (Vandermonde) and s4d_kernel_ref (ZOH recurrence); separable_conv2d and its ref:
-related-systems spec section 1.1."""
+docs/math.md §8."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def random_params(lead=(2,), h=3, n=4, shared_a=False, dtype=F64) -> list[torch.
     """log_dt (C,), a_real / a_imag (C or 1, N), c (*lead, C, N) complex; leaves requiring grad.
 
     dt in [0.01, 1] and |Im A| up to 8: phases up to ~700 rad over 33 taps at rate 2.7, the
-    aliased regime of the image configs (spec 1.1).
+    aliased regime of the image configs (docs/math.md §8).
     """
     rows = 1 if shared_a else h
     log_dt = torch.empty(h, dtype=F64).uniform_(math.log(0.01), 0.0)
@@ -116,7 +116,7 @@ def test_rate_divides_cells_exactly(factor, bandlimit):
 @pytest.mark.parametrize("rate", [1.0, 0.5, 3.0])
 def test_bandlimit_keeps_modes_below_half_alpha(rate, kernel_fn):
     """Mode n has exp(log_dt) |Im A_n| / (2 pi) cycles per sample at rate 1; bandlimit alpha
-    keeps the modes strictly below alpha / 2, at every rate (spec 1.1)."""
+    keeps the modes strictly below alpha / 2, at every rate (docs/math.md §8)."""
     dt = 0.25
     log_dt = torch.full((1,), math.log(dt), dtype=F64)
     freqs = torch.tensor([[0.0, 0.05, 0.12, 0.2, 0.35, 0.6]], dtype=F64)  # cycles per sample

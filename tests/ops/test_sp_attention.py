@@ -1,4 +1,4 @@
-"""spatial_prior and sp_attention against their refs, and the prior's geometry (spec section 4.1)."""
+"""spatial_prior and sp_attention against their refs, and the prior's geometry (docs/math.md §11)."""
 
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def test_prior_depends_on_relative_offset_only(fn, grid):
 
 @pytest.mark.parametrize("fn", PRIOR_FNS, ids=["fast", "ref"])
 def test_prior_offsets_are_dx_dy_in_patch_steps(fn):
-    """r_ij = (x_j - x_i, y_j - y_i), unnormalised (spec section 4.1): a one-unit MLP reads them back."""
+    """r_ij = (x_j - x_i, y_j - y_i), unnormalised (docs/math.md §11): a one-unit MLP reads them back."""
     grid = (3, 4)
     zero = torch.zeros(1, 1, dtype=F64)
     for axis in (0, 1):  # 0: dx, 1: dy

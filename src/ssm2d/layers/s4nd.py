@@ -2,7 +2,7 @@
 whose kernel is the outer product of two bidirectional S4D kernels, one per axis.
 
 Glossary: B batch, H x W grid, C = dim channels, N states (N / 2 complex modes per axis),
-G = `channels` kernels per input channel. Section numbers refer to the related-systems spec.
+G = `channels` kernels per input channel. The math is docs/math.md §8.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _check_rate(rate: float) -> float:
 def _centered(forward: Tensor, backward: Tensor | None) -> Tensor:
     """(..., L) one-sided kernels -> (..., 2L-1) centered: offsets -(L-1)..L-1.
 
-    The backward kernel's tap j weighs the input j + 1 cells ahead (spec 1.1, bidirectional):
+    The backward kernel's tap j weighs the input j + 1 cells ahead (docs/math.md §8, bidirectional kernels):
     y[i] = sum_j forward[j] u[i - j] + backward[j] u[i + j + 1]. Its last tap never reaches
     an L-cell grid and is dropped. Without a backward kernel the layer is causal on each axis.
     """
@@ -43,9 +43,9 @@ def _centered(forward: Tensor, backward: Tensor | None) -> Tensor:
 
 
 class S4ND(TaggedModule):
-    """S4ND spatial layer (spec 1.1): y = K * x + D x per channel, with K[p, q] = k_h[p] k_w[q].
+    """S4ND spatial layer (docs/math.md §8): y = K * x + D x per channel, with K[p, q] = k_h[p] k_w[q].
 
-    Each axis has its own S4D kernel generator (diagonal A, ZOH, spec 1.1): A and B are shared
+    Each axis has its own S4D kernel generator (diagonal A, ZOH): A and B are shared
     by all channels (n_ssm = 1), C and dt are per channel. With `bidirectional` each axis has a
     forward and a backward kernel, so the 2-D kernel covers all four quadrants while staying rank
     1 per channel. The kernel is applied by FFT (or, for short truncated kernels, directly).
@@ -57,19 +57,19 @@ class S4ND(TaggedModule):
         state_dim: N states per axis, N / 2 complex modes (conjugate pairs); even. Spec default 64.
         channels: G kernels per input channel; with G > 1 the G C outputs are mixed back to C
             by the output linear (`linear=False` only).
-        bidirectional: forward and backward kernel per axis (spec 1.1 default); False is causal.
+        bidirectional: forward and backward kernel per axis (the S4ND default); False is causal.
         kernel_size: taps per axis and direction at rate 1 (int or (kh, kw)), S4ND's `l_max`: the
             kernel spans (2kh-1) x (2kw-1) cells and round(k / rate) taps at another rate
-            (spec 1.1). None (default): the whole grid, a global kernel.
-        bandlimit: None (default, spec 5.4: training at one resolution), or alpha > 0: zero the
-            modes at or above alpha / 2 cycles per sample at rate 1 (spec 1.1; alpha = 0.2 in the
+            (docs/math.md §8). None (default): the whole grid, a global kernel.
+        bandlimit: None (default: training at one resolution), or alpha > 0: zero the
+            modes at or above alpha / 2 cycles per sample at rate 1 (docs/math.md §8; alpha = 0.2 in the
             zero-shot resolution config).
-        rate: base resolution / current resolution (spec 5.4): 0.5 for a model trained on G x G
+        rate: base resolution / current resolution (docs/math.md §8): 0.5 for a model trained on G x G
             grids run on 2G x 2G. Also an attribute, and `forward(x, rate=...)` overrides it.
-        dt_min, dt_max: range of the log-uniform step-size init (spec 1.1: [0.1, 1] in the image
+        dt_min, dt_max: range of the log-uniform step-size init ([0.1, 1] in the image
             configs).
         linear: True (default): a pure depthwise convolution with the D skip (ConvNeXt-S4ND),
-            needs channels=1. False: GELU -> dropout -> Linear(G C -> C) after it (spec 1.1).
+            needs channels=1. False: GELU -> dropout -> Linear(G C -> C) after it (docs/math.md §8).
         glu: with linear=False, the output linear gives 2C and a GLU halves it (ViT-S4ND).
         dropout: with linear=False, dropout after the GELU.
 
@@ -144,7 +144,7 @@ class S4ND(TaggedModule):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Initialization of spec 1.1: S4D-Lin A, B = 1, log-uniform dt, complex normal C, normal D."""
+        """Initialization of docs/math.md §8: S4D-Lin A, B = 1, log-uniform dt, complex normal C, normal D."""
         modes = self.state_dim // 2
         self.log_dt.uniform_(math.log(self.dt_min), math.log(self.dt_max))
         self.log_A_real.fill_(math.log(0.5))  # S4D-Lin (`diag-lin`): A_n = -1/2 + i pi n

@@ -3,12 +3,12 @@
 Glossary: B batch, H x W grid, C = dim channels, L = H * W, h heads, d = C / h head width,
 P prefix (class, register) tokens.
 
-- `SpatialPrior`: the per-head MLP over relative 2-D offsets (spec section 4.1), giving an
+- `SpatialPrior`: the per-head MLP over relative 2-D offsets (docs/math.md §11), giving an
   (h, L, L) map on any H x W grid; cached per grid in eval mode.
 - `SPAttention`: multi-head self-attention over the grid whose logits the prior multiplies,
   as a (B, H, W, C) -> (B, H, W, C) spatial mixer.
 - `SPAttentionOnTokens`: the mixer as the attention of a timm ViT `Block`, on (B, P + L, C)
-  tokens; prefix tokens are excluded (spec section 5.2, "passthrough").
+  tokens; prefix tokens are excluded (docs/math.md §11, "prefix tokens").
 """
 
 from __future__ import annotations
@@ -19,30 +19,23 @@ from einops import rearrange
 from torch import Tensor
 
 from ..ops import sp_attention, sp_attention_ref, spatial_prior, spatial_prior_ref
+from .cache import ParameterCache
 from .checks import check_grid_input, check_positive_ints
 from .grid import grid_to_tokens, tokens_to_grid
 from .placement import GridSize
 
 __all__ = ["SPAttention", "SPAttentionOnTokens", "SpatialPrior"]
 
-HEAD_DIM = 64  # default head width: SP-ViT-S has D 384 and 6 heads (spec section 4.1)
-
-
-def _same_values(saved: list[Tensor], params: list[nn.Parameter]) -> bool:
-    """True where every parameter still has the saved dtype, device and values."""
-    return all(
-        s.dtype == p.dtype and s.device == p.device and s.shape == p.shape and torch.equal(s, p)
-        for s, p in zip(saved, params, strict=True)
-    )
+HEAD_DIM = 64  # default head width: SP-ViT-S has D 384 and 6 heads (Zhou et al. 2022, Table 1)
 
 
 class SpatialPrior(nn.Module):
     """SP_h(r) = sum_k w2[h, k] ReLU(W1 r + b1)[h, k] + b2[h] over offsets r = (dx, dy).
 
-    The offsets are unnormalised patch steps (spec section 4.1), so the MLP extrapolates to
+    The offsets are unnormalised patch steps (docs/math.md §11), so the MLP extrapolates to
     the larger offsets of a larger or non-square grid. The map is cached per grid in eval mode
-    when no gradient through the parameters is needed; the cache is keyed on the grid, the
-    path and a copy of the parameter values, so any update invalidates it.
+    when no gradient through the parameters is needed (`ParameterCache`: keyed on the grid,
+    the path and the parameters' version counters, so any in-place update invalidates it).
 
     Args:
         num_heads: h, one prior per head.
@@ -56,37 +49,35 @@ class SpatialPrior(nn.Module):
         self.fc1 = nn.Linear(2, num_heads * hidden)  # W1, b1; hidden units grouped (h, k)
         self.w2 = nn.Parameter(torch.empty(num_heads * hidden))  # viewed as (h, k)
         self.b2 = nn.Parameter(torch.empty(num_heads))
-        self._cache: tuple[tuple[tuple[int, int], bool, list[Tensor]], Tensor] | None = None
+        self._cache = ParameterCache()  # the map, in eval mode
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Spec section 4.1: W1 trunc_normal(.02), b1 = 0, w2 = 0, b2 = 1, so SP == 1."""
+        """W1 trunc_normal(.02), b1 = 0, w2 = 0, b2 = 1, so SP == 1 (docs/math.md §11)."""
         nn.init.trunc_normal_(self.fc1.weight, std=0.02)
         nn.init.zeros_(self.fc1.bias)
         self.w2.zero_()
         self.b2.fill_(1.0)
-        self._cache = None
 
     def train(self, mode: bool = True) -> SpatialPrior:
-        self._cache = None
+        self._cache.clear()
         return super().train(mode)
 
     def forward(self, grid: tuple[int, int], fast_path: bool = True) -> Tensor:
         """The (h, L, L) map on an H x W grid; `fast_path=False` evaluates every pair."""
         grid = (int(grid[0]), int(grid[1]))
         params = list(self.parameters())
-        cacheable = not self.training and not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
-        if cacheable and self._cache is not None:
-            (cached_grid, cached_path, values), prior = self._cache
-            if (cached_grid, cached_path) == (grid, fast_path) and _same_values(values, params):
-                return prior
-        fn = spatial_prior if fast_path else spatial_prior_ref
-        h, k = self.num_heads, self.hidden
-        w1 = rearrange(self.fc1.weight, "(h k) c -> h k c", h=h)  # (h, k, 2)
-        prior = fn(w1, self.fc1.bias.view(h, k), self.w2.view(h, k), self.b2, grid)  # (h, L, L)
-        self._cache = ((grid, fast_path, [p.detach().clone() for p in params]), prior) if cacheable else None
-        return prior
+
+        def compute() -> Tensor:
+            fn = spatial_prior if fast_path else spatial_prior_ref
+            h, k = self.num_heads, self.hidden
+            w1 = rearrange(self.fc1.weight, "(h k) c -> h k c", h=h)  # (h, k, 2)
+            return fn(w1, self.fc1.bias.view(h, k), self.w2.view(h, k), self.b2, grid)  # (h, L, L)
+
+        if self.training or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            return compute()
+        return self._cache.fetch((grid, fast_path), params, compute)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, hidden={self.hidden}"
@@ -95,7 +86,7 @@ class SpatialPrior(nn.Module):
 class SPAttention(nn.Module):
     """Multi-head self-attention over the grid with a learned 2-D spatial prior (SP-SA).
 
-    y = proj(concat_h softmax_j(q_i . k_j / sqrt(d) * SP_h(r_ij)) v_h), spec section 4.1, on
+    y = proj(concat_h softmax_j(q_i . k_j / sqrt(d) * SP_h(r_ij)) v_h), docs/math.md §11, on
     (B, H, W, C) maps of any H x W. At initialization SP == 1: plain attention.
 
     Args:
@@ -123,7 +114,7 @@ class SPAttention(nn.Module):
             raise ValueError(f"num_heads: expected an integer >= 1 that divides dim={dim}, got {num_heads!r}")
         self.dim, self.num_heads, self.head_dim, self.skip = dim, num_heads, dim // num_heads, skip
         self.fast_path = True
-        self.qk = nn.Linear(dim, 2 * dim, bias=False)  # spec section 4.1: qk and v without bias
+        self.qk = nn.Linear(dim, 2 * dim, bias=False)  # as SP-ViT's code: qk and v without bias
         self.v = nn.Linear(dim, dim, bias=False)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -132,8 +123,8 @@ class SPAttention(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Linear layers trunc_normal(.02) with zero bias (LV-ViT's `_init_weights`, spec
-        section 4.1); the prior starts at SP == 1."""
+        """Linear layers trunc_normal(.02) with zero bias (LV-ViT's `_init_weights`, which SP-ViT
+        uses); the prior starts at SP == 1."""
         for linear in (self.qk, self.v, self.proj):
             nn.init.trunc_normal_(linear.weight, std=0.02)
             if linear.bias is not None:
@@ -176,7 +167,7 @@ class SPAttentionOnTokens(nn.Module):
 
     The patch tokens attend to each other through the mixer; the P prefix tokens neither
     attend nor are attended to, and their attention output is zero, so the block's residual
-    leaves them as they were. This is SP-ViT's split (spec section 4.1): the class token joins
+    leaves them as they were. This is SP-ViT's split (docs/math.md §11): the class token joins
     after the SP-SA blocks, and until then stays independent of the image.
 
     Args:

@@ -1,4 +1,4 @@
-"""The 2-D state-space layer of Baron, Zimerman & Wolf (ICLR 2024).
+"""The 2-D state-space layer of Baron, Zimerman & Wolf (ICLR 2024); the math is docs/math.md §1-6.
 
 Glossary: B batch, H x W grid, C = dim channels, N state size, d directions,
 S = d * n_ssm (A, B) parameter sets.
@@ -24,6 +24,7 @@ from ..ops import (
     roesser_kernel,
     roesser_kernel_ref,
 )
+from .cache import ParameterCache
 from .checks import check_grid_input, check_positive_ints
 from .tagged import NO_WEIGHT_DECAY, TaggedModule
 
@@ -43,14 +44,6 @@ def _pair_or_none(kernel_size: int | tuple[int, int] | None) -> tuple[int, int] 
     return tuple(pair)
 
 
-def _same_values(saved: list[Tensor], params: list[nn.Parameter]) -> bool:
-    """True where every parameter still has the saved dtype, device and values."""
-    return all(
-        s.dtype == p.dtype and s.device == p.device and s.shape == p.shape and torch.equal(s, p)
-        for s, p in zip(saved, params, strict=True)
-    )
-
-
 class SSM2D(TaggedModule):
     """2-D SSM spatial layer: a learned global kernel per channel, from d corners.
 
@@ -61,27 +54,31 @@ class SSM2D(TaggedModule):
     Args:
         dim: channels C.
         state_dim: states N per (A, B) set.
-        n_ssm: (A, B) parameter sets per direction (spec section 5).
+        n_ssm: (A, B) parameter sets per direction (docs/math.md §5).
         directions: 1 (top-left), 2 (+ bottom-right) or 4 (+ top-right, bottom-left).
-        variant: "real" (sigmoid-activated A, B) or "complex" (polar A); spec section 4.
+        variant: "real" (sigmoid-activated A, B) or "complex" (polar A); docs/math.md §4.
         c_per_channel: one C per channel and direction (2024 release); False shares one C per
             (A, B) set (2023 code).
         per_direction_sets: with c_per_channel, give each direction its own (A, B) sets: channel
             f of direction r uses set r * n_ssm + f mod n_ssm. The default keeps the reference
-            layout, where every direction of a channel uses the same set (spec section 5).
+            layout (docs/math.md §5): kernel channel r * C + f (direction-major) uses set
+            (r * C + f) mod S. When S divides C every direction of channel f uses the same set,
+            f mod S; otherwise they differ (C = 6, S = 12: channel 0 uses sets 0, 6, 0, 6).
         skip: add omega * x (the D term).
         out_norm: LayerNorm on the output.
         kernel_size: truncate each direction's causal kernel to this many cells per axis (int or
             (kh, kw)); the folded kernel then spans (2kh-1) x (2kw-1). None (default) keeps the
             whole grid: a global kernel. Used where the layer replaces a small depthwise
-            convolution (ConvNeXt, spec section 8).
+            convolution (ConvNeXt, docs/math.md §7).
 
     Attributes:
         fast_path: closed-form kernel and folded convolution when True (default); the
             per-cell recurrence and per-direction shift-and-add convolution when False.
-        conv_method: "auto" (by grid and kernel size, and whether autograd will need a
-            backward: inference takes the direct path on grids up to about 28 x 28), "fft" or
-            "direct", for the fast path.
+        conv_method: "auto" (`choose_conv_method`: by device, grid and kernel size, and whether
+            autograd will need a backward), "fft" or "direct", for the fast path.
+
+    The fast path has no second derivative: a double backward through it (a gradient penalty)
+    raises an error; set `fast_path = False` for one.
     """
 
     def __init__(
@@ -130,20 +127,21 @@ class SSM2D(TaggedModule):
         self.omega = nn.Parameter(torch.empty(dim)) if skip else None
         self._tag_parameters()
         self.norm = nn.LayerNorm(dim) if out_norm else nn.Identity()
-        self._cache: tuple[tuple[tuple[int, int], str, list[Tensor]], Tensor] | None = None
+        self._cache = ParameterCache()  # the prepared kernel, in eval mode
         self.reset_parameters()
 
     def _tag_parameters(self) -> None:
         for p in self._ssm_parameters():
-            p._optim = NO_WEIGHT_DECAY  # spec section 4: A, B, C and omega skip weight decay
+            p._optim = NO_WEIGHT_DECAY  # docs/math.md §4: A, B, C and omega skip weight decay
 
     def _ssm_parameters(self) -> list[nn.Parameter]:
         names = ("a_raw", "a_radius_raw", "a_angle_raw", "b_raw", "c_raw", "omega")
-        return [p for n in names if (p := getattr(self, n, None)) is not None]
+        params = (getattr(self, n, None) for n in names)
+        return [p for p in params if p is not None]
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Initialization of spec section 4."""
+        """Initialization of docs/math.md §4."""
         if self.variant == "real":
             self.a_raw.normal_(0.0, 0.2)  # a = sigmoid(a_raw) near 1/2: stable
         else:
@@ -155,7 +153,6 @@ class SSM2D(TaggedModule):
             self.omega.normal_(0.0, 1.0)
         if isinstance(self.norm, nn.LayerNorm):
             self.norm.reset_parameters()
-        self._cache = None
 
     @torch.no_grad()
     def reset_to_identity(self) -> None:
@@ -171,7 +168,6 @@ class SSM2D(TaggedModule):
             )
         self.c_raw.zero_()
         self.omega.fill_(1.0)
-        self._cache = None
 
     def coefficients(self) -> tuple[Tensor, Tensor, Tensor]:
         """Activated coefficients: a (S, 4, N), b (S, 2, N), c (rows, 2, N), rows = d*C or S."""
@@ -226,27 +222,26 @@ class SSM2D(TaggedModule):
         (an identity layer returns x bit for bit). The FFT path adds the skip separately: its
         round-off would blur that.
 
-        The cache serves only in eval mode where no autograd graph through the parameters is
-        needed (`params_need_grad` False). It is keyed on the grid, the method, and a copy of the
-        parameter values, so that any update (optimizer step, load_state_dict, writes through
-        `.data`, device or dtype moves) invalidates it.
+        The cache (`ParameterCache`) serves only in eval mode where no autograd graph through
+        the parameters is needed (`params_need_grad` False). It is keyed on the grid, the
+        method and the parameters' version counters: any in-place update (optimizer step,
+        load_state_dict, re-initialisation) and any device or dtype move invalidates it, and
+        `train()` drops it (also after writes through `.data`, which the counters do not see).
         """
-        params = self._ssm_parameters()
-        cacheable = not self.training and not params_need_grad
-        if cacheable and self._cache is not None:
-            (cached_grid, cached_method, values), prepared = self._cache
-            if (cached_grid, cached_method) == (grid, method) and _same_values(values, params):
-                return prepared
-        ksize = self.kernel_grid(grid)
-        kernels = self.kernels(ksize)  # (d, C, kh, kw)
-        skip = self.omega.to(kernels.dtype) if self.omega is not None and method == "direct" else None
-        full = fold_directions(kernels, skip)  # (C, 2kh-1, 2kw-1)
-        prepared = kernel_spectrum(full, fft_shape(grid, ksize)) if method == "fft" else full
-        self._cache = ((grid, method, [p.detach().clone() for p in params]), prepared) if cacheable else None
-        return prepared
+
+        def prepare() -> Tensor:
+            ksize = self.kernel_grid(grid)
+            kernels = self.kernels(ksize)  # (d, C, kh, kw)
+            skip = self.omega.to(kernels.dtype) if self.omega is not None and method == "direct" else None
+            full = fold_directions(kernels, skip)  # (C, 2kh-1, 2kw-1)
+            return kernel_spectrum(full, fft_shape(grid, ksize)) if method == "fft" else full
+
+        if self.training or params_need_grad:
+            return prepare()
+        return self._cache.fetch((grid, method), self._ssm_parameters(), prepare)
 
     def train(self, mode: bool = True) -> SSM2D:
-        self._cache = None
+        self._cache.clear()
         return super().train(mode)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -260,7 +255,7 @@ class SSM2D(TaggedModule):
         method = self.conv_method if self.fast_path else "ref"
         if method == "auto":
             backward = params_need_grad or (torch.is_grad_enabled() and x.requires_grad)
-            method = choose_conv_method(grid, ksize, backward=backward)
+            method = choose_conv_method(grid, ksize, backward=backward, device=x.device)
         if method == "ref":
             y = directional_conv2d_ref(x, self.kernels(ksize).to(x.dtype))
         elif method == "direct":

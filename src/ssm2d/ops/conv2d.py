@@ -1,4 +1,4 @@
-"""Depthwise 2-D convolution with causal kernels run from several corners (spec sections 6-7).
+"""Depthwise 2-D convolution with causal kernels run from several corners (docs/math.md §6).
 
 Glossary: B batch, H x W grid, C channels, d directions, kh x kw causal kernel size.
 
@@ -17,7 +17,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .fftconv import _check_input, _fast_length, correlate_sum, fft_conv2d, fft_shape, kernel_spectrum
 
@@ -35,27 +34,44 @@ ConvMethod = Literal["auto", "fft", "direct"]
 # Grid axes (of a (B, H, W, C) tensor) flipped to bring each corner to the top-left.
 DIRECTION_FLIPS: tuple[tuple[int, ...], ...] = ((), (1, 2), (2,), (1,))
 
-# Cost model: r = (direct multiplies H W kh2 kw2) / (M1 M2 log2(M1 M2)), measured on 2 CPU
-# cores at B = 8 and 64, C = 64 to 192, forward+backward and forward only:
-# - forward only, direct wins up to r of about 60 (whole-grid kernels up to 24 x 24, even at
-#   28 x 28; the FFT from 32 x 32);
-# - with a backward, whose kernel gradient was then always an FFT correlation over the whole
-#   grid (now a matmul on small grids, see below, which only favours direct more), direct
-#   wins for small truncated kernels on any grid (r <= 4: 0.55-0.9x the FFT path at 32 x 32
-#   and 56 x 56) and for whole-grid kernels up to 20 x 20 (0.7x at 16 x 16, 1.0x at 20 x 20),
-#   but not for 7 x 7 truncations of 32 x 32 grids (r = 10: 1.2-1.8x).
-_DIRECT_MAX_RATIO_FORWARD = 60.0  # forward only: direct up to this r
-_DIRECT_ANY_GRID_RATIO = 4.0  # with a backward: direct on any grid up to this r
-_DIRECT_MAX_AREA = 400  # with a backward: direct up to this H * W ...
-_DIRECT_MAX_RATIO_SMALL_GRID = 36.0  # ... and this r
-# Kernel gradient of the direct path: one batched matmul over all pairs of cells
-# (`_correlate_dense`, C L^2 (a B + b) work) or the FFT correlation (`correlate_sum`, about
-# C B M1 M2 log2(M1 M2)). Fitted on 1 CPU thread, C = 96 to 384, B = 8 and 64, grids 4 x 4 to
-# 16 x 16: in FFT units a = 0.067, b = 1.17; the dense way was 0.2-0.7x the FFT's time at 8 x 8
-# to 12 x 12, 0.5-0.7x at 14 x 14 and 16 x 16 with B = 64, 1.2-1.6x there with B = 8.
+# The conv-path rule (`choose_conv_method`, docs/math.md §6.3). Its constants, per device type.
+#
+# CPU: r = (direct multiply-adds H W kh2 kw2) / (FFT work M1 M2 log2(M1 M2)).
+# - Inference: direct up to r = 60. Measured on 2 cores, B = 8 and 64, C = 64 to 192: direct
+#   wins for whole-grid kernels up to 24 x 24 (r = 49) and at 28 x 28; the FFT from 32 x 32.
+# - Training (a backward follows; the direct path's kernel gradient is a correlation, see
+#   `_DirectConv`): direct up to r = 4 on any grid (small truncated kernels: 0.55-0.9x the
+#   FFT's time at 32 x 32 and 56 x 56), and up to r = 36 on grids of at most 400 cells
+#   (whole-grid kernels up to 20 x 20: 0.7x at 16 x 16, 1.0x at 20 x 20); but not 7 x 7
+#   truncations of 32 x 32 grids (r = 10: 1.2-1.8x the FFT's time).
+# Re-measured in alternation on the same 2 cores under a load average of 10-14 (C = 96, d = 4,
+# direct / FFT time): training 0.51 at 16 x 16 (B = 8), 1.12 / 0.95 at 20 x 20 (B = 8 / 64),
+# 0.86 at 24 x 24, 0.62 for 7 x 7 truncations of 32 x 32, 0.70-0.72 for 4 x 4 truncations of
+# 32 x 32 and 56 x 56; inference 0.08-0.11 from 24 x 24 to 32 x 32. Under that load the FFT
+# (which allocates the most) slowed most, so these numbers favour the direct path more than
+# the quiet-machine fit; the constants keep the quiet-machine values.
+_CPU_DIRECT_MAX_RATIO_INFERENCE = 60.0
+_CPU_DIRECT_MAX_RATIO_TRAINING = 4.0
+_CPU_SMALL_GRID_AREA = 400
+_CPU_DIRECT_MAX_RATIO_SMALL_GRID = 36.0
+# GPUs (CUDA and any other accelerator): direct only for kernels of at most 7 x 7 taps
+# (truncated kernels of 4 x 4 cells per direction, the ConvNeXt placement). Reasoning, not a
+# measurement (no GPU was at hand): a depthwise convolution is memory-bound only while its
+# kernel is small (cuDNN's depthwise kernels are tuned for 3 x 3 to 7 x 7), and its work grows
+# with the kernel's area, while cuFFT's batched transforms cost a few passes over the padded
+# map whatever the kernel size. Whole-grid kernels, (2H-1) x (2W-1) taps, therefore take the
+# FFT on every grid. The GPU paths use plain autograd (`_conv2d`; `_spectral_conv` in fftconv.py).
+_GPU_DIRECT_MAX_TAPS = 7
+# Kernel gradient of the CPU direct path: one batched matmul over all pairs of cells
+# (`_correlate_dense`, C L^2 (a B + b) work for L = H W cells) or the FFT correlation
+# (`correlate_sum`, about C B M1 M2 log2(M1 M2)). Fitted on 1 CPU thread, C = 96 to 384,
+# B = 8 and 64, grids 4 x 4 to 16 x 16: in FFT units a = 0.067, b = 1.17; the dense way was
+# 0.2-0.7x the FFT's time at 8 x 8 to 12 x 12, 0.5-0.7x at 14 x 14 and 16 x 16 with B = 64,
+# 1.2-1.6x there with B = 8. Above 256 cells the (C, L, L) product is not tried (256 KB per
+# channel).
 _DENSE_COST_PER_IMAGE = 0.067
 _DENSE_COST_FIXED = 1.17
-_DENSE_CORRELATION_MAX_AREA = 256  # the (C, L, L) product grows as L^2: at most 256 KB per channel
+_DENSE_CORRELATION_MAX_AREA = 256
 
 
 def _check_kernels(kernels: Tensor) -> None:
@@ -65,8 +81,17 @@ def _check_kernels(kernels: Tensor) -> None:
 
 class _Fold(torch.autograd.Function):
     """`fold_directions` with a hand-written backward: the gradient of each direction is a
-    (flipped) window of the folded gradient, stacked in one op. Autograd through the slice
-    assignments would allocate and fill a zero tensor per direction and add them up."""
+    (flipped) window of the folded gradient, stacked in one op. Autograd through a fold made of
+    differentiable ops pads or fills a zero tensor per direction and adds them up.
+
+    Benchmark (forward + backward of the fold alone, d = 4, 1 thread, medians of 30-40
+    alternating repetitions): C = 192, 8 x 8 cells 0.24 ms here against 0.34 ms by four
+    `F.pad`s and 0.40 ms by `torch.cat`s; C = 192, 14 x 14: 0.41-0.47 ms against 0.73 / 0.84 ms;
+    C = 96, 32 x 32: 1.1 ms against 6.9 / 6.5 ms.
+
+    The backward is made of differentiable ops (slices, flips, a stack): the Function has
+    second derivatives, and compiles.
+    """
 
     @staticmethod
     def forward(ctx, kernels: Tensor, center: Tensor | None) -> Tensor:  # kernels: (d, C, kh, kw), center: (C,)
@@ -84,7 +109,6 @@ class _Fold(torch.autograd.Function):
         return full
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         d, kh, kw = ctx.d, ctx.kh, ctx.kw
         grad_k = grad_c = None
@@ -119,39 +143,54 @@ def fold_directions(kernels: Tensor, center: Tensor | None = None) -> Tensor:
 
 
 def choose_conv_method(
-    grid: tuple[int, int], kernel_size: tuple[int, int], backward: bool = True
+    grid: tuple[int, int],
+    kernel_size: tuple[int, int],
+    backward: bool = True,
+    device: torch.device | str = "cpu",
 ) -> Literal["fft", "direct"]:
-    """The faster convolution path for this grid and causal kernel size, from a cost model.
+    """The convolution path for a causal kernel of `kernel_size` cells per direction on `grid`.
 
-    `backward`: whether a backward pass follows (training); inference favours the direct path.
+    The one rule of docs/math.md §6.3; its constants and their measurements are at the top of
+    this module. `backward`: whether a backward pass follows (training), which on a CPU
+    favours the FFT. `device`: where the convolution runs; every device type but "cpu" takes
+    the GPU rule. Returns "fft" or "direct" for any grid and kernel size >= 1.
     """
+    taps = max(2 * kernel_size[0] - 1, 2 * kernel_size[1] - 1)
+    if torch.device(device).type != "cpu":
+        return "direct" if taps <= _GPU_DIRECT_MAX_TAPS else "fft"
     m1, m2 = fft_shape(grid, kernel_size)
     direct = grid[0] * grid[1] * (2 * kernel_size[0] - 1) * (2 * kernel_size[1] - 1)
     ratio = direct / (m1 * m2 * math.log2(m1 * m2))
     if not backward:
-        return "direct" if ratio <= _DIRECT_MAX_RATIO_FORWARD else "fft"
-    small_grid = grid[0] * grid[1] <= _DIRECT_MAX_AREA and ratio <= _DIRECT_MAX_RATIO_SMALL_GRID
-    return "direct" if ratio <= _DIRECT_ANY_GRID_RATIO or small_grid else "fft"
+        return "direct" if ratio <= _CPU_DIRECT_MAX_RATIO_INFERENCE else "fft"
+    small_grid = grid[0] * grid[1] <= _CPU_SMALL_GRID_AREA and ratio <= _CPU_DIRECT_MAX_RATIO_SMALL_GRID
+    return "direct" if ratio <= _CPU_DIRECT_MAX_RATIO_TRAINING or small_grid else "fft"
 
 
 class _DirectConv(torch.autograd.Function):
-    """Depthwise convolution by `F.conv2d` (channels-last), with a hand-written backward.
+    """Depthwise convolution by `F.conv2d` (channels-last), with a hand-written backward, for
+    the CPU.
 
     The input gradient is the convolution's adjoint, itself a depthwise convolution. The
     kernel gradient is a correlation of the upstream gradient with the input, summed over the
-    batch, done by FFT: the depthwise weight gradient of `F.conv2d` is 5-50x slower on CPU.
+    batch, by FFT or a dense matmul (`_dense_correlation_pays`): the depthwise weight gradient
+    of `F.conv2d` is slow on a CPU.
+
+    Benchmark (forward + backward, C = 192, whole-grid kernels, 2 threads, medians of 10
+    alternating repetitions): B = 8, 8 x 8: 1.9 ms here against 23 ms by `F.conv2d` under
+    autograd; B = 64, 8 x 8: 92 against 207 ms; B = 8, 14 x 14: 100 against 175 ms; B = 64,
+    14 x 14: 361 against 1876 ms (a loaded machine: the ratios, 1.8-12x, are what counts).
+
+    The backward is made of differentiable ops: the Function has second derivatives, and
+    compiles.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, kernel: Tensor) -> Tensor:  # x: (B, H, W, C), kernel: (C, kh2, kw2)
-        c, kh2, kw2 = kernel.shape
-        weight = kernel.flip(-2, -1)[:, None]  # conv2d correlates: flip to convolve
-        y = F.conv2d(x.permute(0, 3, 1, 2), weight, padding=(kh2 // 2, kw2 // 2), groups=c)
         ctx.save_for_backward(x, kernel)
-        return y.permute(0, 2, 3, 1)
+        return _conv2d(x, kernel)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         x, kernel = ctx.saved_tensors
         c, kh2, kw2 = kernel.shape
@@ -177,10 +216,21 @@ def _dense_correlation_pays(batch: int, grid: tuple[int, int], kernel_size: tupl
     return area**2 * (_DENSE_COST_PER_IMAGE * batch + _DENSE_COST_FIXED) <= fft
 
 
-@functools.lru_cache(maxsize=16)
 def _lag_index(h: int, w: int, device: torch.device) -> Tensor:
     """(L * L,) flat position on the (2H-1) x (2W-1) lag grid of each pair (input cell reversed,
-    output cell), in the row-major order of the (L, L) product in `_correlate_dense`."""
+    output cell), in the row-major order of the (L, L) product in `_correlate_dense`. Kept per
+    size in eager mode; built inside the graph under torch.compile."""
+    if torch.compiler.is_compiling():
+        return _build_lag_index(h, w, device)
+    return _cached_lag_index(h, w, device)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_lag_index(h: int, w: int, device: torch.device) -> Tensor:
+    return _build_lag_index(h, w, device)
+
+
+def _build_lag_index(h: int, w: int, device: torch.device) -> Tensor:
     cells = (torch.arange(h)[:, None] * (2 * w - 1) + torch.arange(w)).flatten()  # (L,)
     return (cells[:, None] + cells).flatten().to(device)
 
@@ -213,10 +263,18 @@ def _correlate_dense(g: Tensor, x: Tensor, kernel_size: tuple[int, int]) -> Tens
     return F.pad(lags, (dw, dw, dh, dh)).to(x.dtype)  # negative padding crops
 
 
+def _conv2d(x: Tensor, kernel: Tensor) -> Tensor:
+    """`F.conv2d` under plain autograd, channels-last (the GPU direct path)."""
+    c, kh2, kw2 = kernel.shape
+    y = F.conv2d(x.permute(0, 3, 1, 2), kernel.flip(-2, -1)[:, None], padding=(kh2 // 2, kw2 // 2), groups=c)
+    return y.permute(0, 2, 3, 1)
+
+
 def direct_conv2d(x: Tensor, kernel: Tensor) -> Tensor:
     """Linear depthwise convolution with a centered kernel, by `F.conv2d` (channels-last).
 
-    Runs in x.dtype, with autocast off; the kernel gradient is computed by FFT (`_DirectConv`).
+    Runs in x.dtype, with autocast off. On a CPU the kernel gradient is a correlation
+    (`_DirectConv`); elsewhere autograd differentiates `F.conv2d`.
 
     Args:
         x: (B, H, W, C).
@@ -227,7 +285,9 @@ def direct_conv2d(x: Tensor, kernel: Tensor) -> Tensor:
     """
     _check_input(x, kernel.shape[0])
     with torch.autocast(x.device.type, enabled=False):
-        return _DirectConv.apply(x, kernel.to(x.dtype))
+        if x.device.type == "cpu":
+            return _DirectConv.apply(x, kernel.to(x.dtype))
+        return _conv2d(x, kernel.to(x.dtype))
 
 
 def directional_conv2d(x: Tensor, kernels: Tensor, method: ConvMethod = "auto") -> Tensor:
@@ -247,7 +307,7 @@ def directional_conv2d(x: Tensor, kernels: Tensor, method: ConvMethod = "auto") 
     grid, ksize = (x.shape[1], x.shape[2]), (kernels.shape[2], kernels.shape[3])
     if method == "auto":
         backward = torch.is_grad_enabled() and (x.requires_grad or kernels.requires_grad)
-        method = choose_conv_method(grid, ksize, backward=backward)
+        method = choose_conv_method(grid, ksize, backward=backward, device=x.device)
     full = fold_directions(kernels)
     if method == "fft":
         shape = fft_shape(grid, ksize)

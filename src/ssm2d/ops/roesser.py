@@ -2,16 +2,16 @@
 
 Glossary: N states, H x W grid, `...` any broadcastable leading dimensions.
 
-Every state coordinate n is an independent scalar system (spec section 1)::
+Every state coordinate n is an independent scalar system (docs/math.md §1)::
 
     x_h(i,j) = s(i,j-1) [a1 x_h(i,j-1) + a2 x_v(i,j-1)] + b1 u(i,j)
     x_v(i,j) = s(i-1,j) [a3 x_h(i-1,j) + a4 x_v(i-1,j)] + b2 u(i,j)
     K(i,j)   = w(i,j) sum_n c1 x_h + c2 x_v            (u = impulse at the origin)
 
 with s = 1/2 at the origin and in the interior, 1 on row 0 and column 0, and the boundary
-weight w = 2 on row 0 and column 0 except the origin (section 2).
+weight w = 2 on row 0 and column 0 except the origin (docs/math.md §2).
 
-Fast path (section 3, method c). A state value is a sum over monotone lattice paths from the
+Fast path (docs/math.md §3, which derives it). A state value is a sum over monotone lattice paths from the
 origin. A path whose first straight run has length m weighs
 ``beta * prod(a over the later steps) * 2^(m - i - j + 1)``, where beta = (a1 b1 + a2 b2) / 2
 if it starts rightwards and (a3 b1 + a4 b2) / 2 if it starts downwards. Grouping paths by their
@@ -45,7 +45,11 @@ __all__ = ["roesser_kernel", "roesser_kernel_ref"]
 
 
 def _check_inputs(a: Tensor, b: Tensor, c: Tensor, size: Sequence[int]) -> tuple[int, int]:
-    """Validate the contract of spec section 9 and return (H, W)."""
+    """Validate the shapes, dtypes and size of the kernel's contract and return (H, W).
+
+    Checks only what is known without reading the values, so that the fast path makes no
+    device sync and compiles; `_check_finite` (on the reference path) reads them.
+    """
     for name, t, rows in (("a", a, 4), ("b", b, 2), ("c", c, 2)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -70,35 +74,46 @@ def _check_inputs(a: Tensor, b: Tensor, c: Tensor, size: Sequence[int]) -> tuple
         h = w = 0
     if isinstance(size, (str, bytes)) or min(h, w) < 1:
         raise ValueError(f"size: expected (H, W) with integers H, W >= 1, got {size!r}")
-    # One cheap reduction and one device sync: the sum is finite when every entry is (a sum of
-    # huge finite entries can overflow, so a non-finite sum only triggers the exact check).
-    if not bool(torch.isfinite(a.sum() + b.sum() + c.sum())):
-        for name, t in (("a", a), ("b", b), ("c", c)):
-            bad = int((~torch.isfinite(t)).sum())
-            if bad:
-                raise ValueError(f"{name}: expected finite values, got {bad} non-finite entries")
     return h, w
+
+
+def _check_finite(a: Tensor, b: Tensor, c: Tensor) -> None:
+    """Raise ValueError naming the first of a, b, c with non-finite entries (reads the values)."""
+    for name, t in (("a", a), ("b", b), ("c", c)):
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise ValueError(f"{name}: expected finite values, got {bad} non-finite entries")
 
 
 def _common_dtype(a: Tensor, b: Tensor, c: Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(a.dtype, b.dtype), c.dtype)
 
 
-@functools.lru_cache(maxsize=64)
 def _path_counts(length: int, k: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
     """Binomial path counts along one axis.
 
     Returns P and Q of the module docstring, both (length, k), and the exponent tables
-    n - k (clamped at 0) and k, as `dtype` tensors on `device`. They are built in float64 on
-    the CPU (some accelerators have no float64), moved once, and kept for the next call with
-    the same sizes (4 * length * k numbers; they do not depend on the parameters). They are
-    made outside inference mode, so that autograd can save them after an inference-mode call.
+    n - k (clamped at 0) and k, as `dtype` tensors on `device`. In eager mode they are kept for
+    the next call with the same sizes (`_cached_path_counts`); under torch.compile they are
+    built inside the graph, where they become constants.
     """
+    if torch.compiler.is_compiling():
+        return _build_path_counts(length, k, dtype, device)
+    return _cached_path_counts(length, k, dtype, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_path_counts(length: int, k: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
+    """`_build_path_counts`, kept per size (4 * length * k numbers; they do not depend on the
+    parameters). Made outside inference mode, so that autograd can save them after an
+    inference-mode call."""
     with torch.inference_mode(False):
         return _build_path_counts(length, k, dtype, device)
 
 
 def _build_path_counts(length: int, k: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
+    """P, Q and the exponent tables, built in float64 on the CPU (some accelerators have no
+    float64) and moved to `device` once."""
     n = torch.arange(length, dtype=torch.float64)[:, None]  # (length, 1)
     kk = torch.arange(k, dtype=torch.float64)[None, :]  # (1, k)
     log_p = (
@@ -167,11 +182,14 @@ def roesser_kernel(a: Tensor, b: Tensor, c: Tensor, size: Sequence[int]) -> Tens
 
 
 def roesser_kernel_ref(a: Tensor, b: Tensor, c: Tensor, size: Sequence[int]) -> Tensor:
-    """Reference: the recurrence of spec sections 1-2, one grid cell at a time.
+    """Reference: the recurrence of docs/math.md §1-2, one grid cell at a time.
 
-    Same contract as `roesser_kernel`. Slow (H * W Python steps); for tests and benchmarks.
+    Same contract as `roesser_kernel`, and raises ValueError on non-finite coefficients (the
+    fast path does not read the values: it makes no device sync). Slow (H * W Python steps);
+    for tests and benchmarks.
     """
     h, w = _check_inputs(a, b, c, size)
+    _check_finite(a, b, c)
     dtype = _common_dtype(a, b, c)
     a, b, c = a.to(dtype), b.to(dtype), c.to(dtype)
     a1, a2, a3, a4 = a.unbind(-2)

@@ -1,23 +1,24 @@
 """The S4D convolution kernel (diagonal A, zero-order hold) and the separable 2-D convolution of
-S4ND (Nguyen et al., NeurIPS 2022; related-systems spec section 1.1).
+S4ND (Nguyen et al., NeurIPS 2022; docs/math.md §8).
 
 Glossary: C channels, N complex modes (a conjugate pair each), L kernel length, B batch,
 H x W grid, `...` broadcastable leading dimensions.
 
 S4D kernel. Mode n of a channel is the scalar system x' = A_n x + B_n u, y = C_n x with
 complex A_n = a_real + i a_imag (a_real < 0 for a decaying kernel). Zero-order hold with step
-dt = exp(log_dt) * rate gives (spec 1.1, `SSMKernelDiag`, disc='zoh')::
+dt = exp(log_dt) * rate gives (the reference code's `SSMKernelDiag`, disc='zoh')::
 
     A_bar = exp(dt A),   B_bar = (exp(dt A) - 1) / A * B,   K[l] = 2 Re sum_n C_n A_bar_n^l B_bar_n
 
 The factor 2 and the real part add each mode's conjugate twin. K[l] is the continuous impulse
 response 2 Re sum_n C_n B_n exp(A_n t) integrated over the cell t in [l dt, (l + 1) dt).
 
-`rate` is base resolution / current resolution (spec 5.4): rate 0.5 samples the same continuous
+`rate` is base resolution / current resolution (docs/math.md §8): rate 0.5 samples the same continuous
 kernel twice as finely, rate 2 half as finely. `bandlimit` alpha zeroes C_n for the modes whose
 frequency at the base resolution, exp(log_dt) |Im A_n| / (2 pi) cycles per sample, is at least
 alpha / 2 (alpha = 1 is the Nyquist cutoff). The mask does not depend on `rate`, as in the
-reference code, so a model keeps the same modes at every resolution (spec 1.1, s4 issue #123).
+reference code, so a model keeps the same modes at every resolution (docs/math.md §8; the S4
+repository's issue #123).
 
 S4ND convolution. The 2-D kernel of a channel is the outer product of two centered 1-D kernels,
 K[c, p, q] = k_h[c, p] k_w[c, q], applied as a linear (zero-padded) depthwise convolution.
@@ -174,8 +175,8 @@ def separable_conv2d(
 ) -> Tensor:
     """Linear depthwise convolution with the separable kernel K[c, p, q] = k_h[c, p] k_w[c, q].
 
-    The FFT path takes the kernel's spectrum as the outer product of the two 1-D spectra (spec
-    1.1, `contract_version=0`); the direct path convolves with the 2-D kernel by `F.conv2d`.
+    The FFT path takes the kernel's spectrum as the outer product of the two 1-D spectra (as the
+    reference code's `contract_version=0`); the direct path convolves with the 2-D kernel by `F.conv2d`.
 
     Args:
         x: (B, H, W, C).
@@ -191,7 +192,7 @@ def separable_conv2d(
     grid, ksize = (x.shape[1], x.shape[2]), ((k_h.shape[-1] + 1) // 2, (k_w.shape[-1] + 1) // 2)
     if method == "auto":
         backward = torch.is_grad_enabled() and any(t.requires_grad for t in (x, k_h, k_w))
-        method = choose_conv_method(grid, ksize, backward=backward)
+        method = choose_conv_method(grid, ksize, backward=backward, device=x.device)
     if method == "direct":
         return direct_conv2d(x, k_h[:, :, None] * k_w[:, None, :])
     if method != "fft":

@@ -1,4 +1,4 @@
-"""Spatial-prior-enhanced self-attention, SP-SA (Zhou et al., BMVC 2022; spec section 4.1).
+"""Spatial-prior-enhanced self-attention, SP-SA (Zhou et al., BMVC 2022; docs/math.md §11).
 
 Glossary: B batch, h heads, H x W grid, L = H * W tokens in row-major order, d head width,
 k hidden units of the prior per head.
@@ -11,7 +11,7 @@ maps it through a 2-layer MLP::
 
 The prior depends on the offset only, so the fast path evaluates the MLP once per distinct
 offset, a (2H-1) x (2W-1) table per head, and gathers the (h, L, L) map from it. The source
-code materialises (L, L, h*k) hidden units instead (spec section 4.1, "Cost").
+code materialises (L, L, h*k) hidden units instead.
 
 Attention. The prior multiplies the logits before the softmax::
 
@@ -90,7 +90,7 @@ def spatial_prior(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, grid: Sequence
 
 
 def spatial_prior_ref(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, grid: Sequence[int]) -> Tensor:
-    """Reference: the MLP of spec section 4.1 evaluated at every token pair, one pair at a time.
+    """Reference: the MLP of docs/math.md §11 evaluated at every token pair, one pair at a time.
 
     Same contract as `spatial_prior`. Slow (L^2 Python steps); for tests.
     """
@@ -134,7 +134,7 @@ def _check_attention(q: Tensor, k: Tensor, v: Tensor, prior: Tensor) -> None:
 
 
 def sp_attention(q: Tensor, k: Tensor, v: Tensor, prior: Tensor, scale: float | None = None) -> Tensor:
-    """Self-attention whose logits are multiplied by a spatial prior (spec section 4.1).
+    """Self-attention whose logits are multiplied by a spatial prior (docs/math.md §11).
 
     Args:
         q, k: (B, h, L, d) queries and keys.

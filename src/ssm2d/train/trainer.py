@@ -29,6 +29,7 @@ import yaml
 from timm.data import Mixup
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import is_model, model_entrypoint
 from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -71,20 +72,25 @@ def pretrained_args(cfg: TrainConfig) -> dict[str, Any]:
     return {"pretrained": True} if cfg.pretrained else {}
 
 
+# Model families (the module of timm's entrypoint, last part) whose models are built for one
+# input size and take `img_size`: the transformers and scans. Convolutional families take none.
+_SIZED_FAMILIES = frozenset(
+    {"vit", "vision_transformer", "deit", "swin", "swin_transformer", "spvit", "vim", "v2m", "mega", "vmamba"}
+)
+
+
 def build_model(name: str, args: dict[str, Any]) -> nn.Module:
-    """`create_model(name, **args)`; a model without a fixed input size (ConvNeXt) takes no img_size.
+    """`create_model(name, **args)`, without `img_size` for a family that takes none (ConvNeXt).
 
     Raises:
         ConfigError: `name` is not a model, or the model class does not take a keyword of `args`.
     """
+    family = model_entrypoint(name).__module__.rsplit(".", 1)[-1] if is_model(name) else ""
+    if family not in _SIZED_FAMILIES:
+        args = {k: v for k, v in args.items() if k != "img_size"}
     try:
-        try:
-            return create_model(name, **args)
-        except TypeError as err:
-            if "img_size" not in str(err):
-                raise
-        return create_model(name, **{k: v for k, v in args.items() if k != "img_size"})
-    except TypeError as err:
+        return create_model(name, **args)
+    except TypeError as err:  # a model_kwargs key the model class does not take
         if "keyword argument" not in str(err):
             raise
         raise ConfigError(f"model_kwargs: {name}: {err}") from err
