@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ssm2d.errors import ConfigError
 from ssm2d.train import build_model
 
 
@@ -21,5 +22,5 @@ def test_img_size_goes_to_sized_families_only(name, grid):
 
 
 def test_misspelled_argument_still_raises():
-    with pytest.raises(TypeError, match="num_clases"):
+    with pytest.raises(ConfigError, match="model_kwargs: convnext_sd_32_ssm2d: .*num_clases"):
         build_model("convnext_sd_32_ssm2d", dict(num_clases=3, img_size=(32, 32)))
