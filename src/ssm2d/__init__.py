@@ -1,7 +1,7 @@
 """ssm2d: 2-D spatial layers for vision models, exact and fast in pure PyTorch."""
 
 from . import layers, models, ops
-from .layers import S4ND, SSM2D, V2M, SPAttention, VimMixer, VimMixer2d, apply_on_tokens
+from .layers import S4ND, SS2D, SSM2D, V2M, SPAttention, VimMixer, VimMixer2d, apply_on_tokens
 from .models import add_spatial_layers, create_model, list_models
 from .optim import param_groups
 
@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 __all__ = [
     "S4ND",
     "SPAttention",
+    "SS2D",
     "SSM2D",
     "V2M",
     "VimMixer",

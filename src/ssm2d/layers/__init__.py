@@ -4,6 +4,7 @@ from .grid import apply_on_tokens, grid_to_tokens, tokens_to_grid
 from .placement import GridSize, SpatialAfter, SpatialOnTokens
 from .sp_attention import SPAttention, SPAttentionOnTokens, SpatialPrior
 from .s4nd import S4ND
+from .ss2d import SS2D
 from .ssm2d import SSM2D
 from .v2m import V2M
 from .vim import VimMixer, VimMixer2d
@@ -13,6 +14,7 @@ __all__ = [
     "SPAttentionOnTokens",
     "SpatialPrior",
     "S4ND",
+    "SS2D",
     "SSM2D",
     "V2M",
     "VimMixer",
