@@ -91,9 +91,9 @@ def param_grads(layer: SS2D, x: torch.Tensor, upstream: torch.Tensor) -> dict[st
 
 @pytest.mark.parametrize(
     "grid, options",
-    [((5, 7), {}), ((9, 4), {}), ((1, 6), {}), ((6, 1), {}), ((3, 3), {"expand": 1, "state_dim": 1}),
+    [((5, 7), {}), ((9, 4), {}), ((1, 6), {}), ((6, 1), {}), ((3, 3), {"expand": 2, "state_dim": 1}),
      ((4, 6), {"skip": True, "conv_size": 5})],
-    ids=["5x7", "9x4", "1x6", "6x1", "3x3-n1-e1", "4x6-skip-conv5"],
+    ids=["5x7", "9x4", "1x6", "6x1", "3x3-n1-e2", "4x6-skip-conv5"],
 )  # fmt: skip
 def test_fast_path_matches_ref(grid, options):
     fast = make_layer(**{"dim": 6, "state_dim": 4, "dtype": torch.float32, **options})
@@ -262,7 +262,7 @@ def test_empty_batch_gives_empty_output(fast_path, skip):
 
 
 def test_initialization_follows_mamba():
-    layer = SS2D(32, state_dim=16)
+    layer = SS2D(32, state_dim=16, expand=2)
     assert layer.dt_rank == 2 and layer.conv2d.kernel_size == (3, 3) and layer.conv2d.groups == 64
     for d in layer.directions:
         assert_close(torch.exp(d.A_log), torch.arange(1, 17.0).expand(64, 16), torch.float32, "S4D-Real A = -n")
@@ -351,7 +351,12 @@ def test_misspelled_argument_raises_type_error():
         SS2D(8, d_state=4)
 
 
+def test_defaults_are_vmamba_final_configuration():
+    layer = SS2D(96)
+    assert (layer.state_dim, layer.expand, layer.dt_rank, layer.conv_size) == (1, 1, 6, 3)
+
+
 def test_extra_repr_shows_configuration():
-    text = repr(SS2D(8, state_dim=4, expand=1, conv_size=5, skip=True))
-    for part in ("dim=8", "state_dim=4", "expand=1", "dt_rank=1", "conv_size=5", "skip=True", "fast_path=True"):
+    text = repr(SS2D(8, state_dim=4, expand=2, conv_size=5, skip=True))
+    for part in ("dim=8", "state_dim=4", "expand=2", "dt_rank=1", "conv_size=5", "skip=True", "fast_path=True"):
         assert part in text, f"{part} not in {text}"

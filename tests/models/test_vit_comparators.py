@@ -1,5 +1,5 @@
 """The comparators in the ViT pre-attention placement (models/vit.py): every `vit_*` base with
-comparator variants has all four, each inserting its own layer before every attention."""
+comparator variants has all five, each inserting its own layer before every attention."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import ssm2d
-from ssm2d.layers import S4ND, V2M, SPAttention, SpatialOnTokens, VimMixer2d
+from ssm2d.layers import S4ND, SS2D, V2M, SPAttention, SpatialOnTokens, VimMixer2d
 from ssm2d.models import spatial_layers
 
-LAYERS = {"_s4nd": S4ND, "_v2m": V2M, "_spsa": SPAttention, "_vim": VimMixer2d}
+LAYERS = {"_s4nd": S4ND, "_v2m": V2M, "_spsa": SPAttention, "_vim": VimMixer2d, "_ss2d": SS2D}
 
 
 @pytest.mark.parametrize("base", ["vit_mini_28", "vit_sd_32"])

@@ -91,8 +91,9 @@ class SS2D(nn.Module):
 
     Args:
         dim: channels C.
-        state_dim: states N per channel and direction. VMamba's final models use 1.
-        expand: E = expand * dim. VMamba's final models use 1.
+        state_dim: states N per channel and direction. The default 1 and expand 1 are the
+            configuration of VMamba's final models; Mamba's defaults are N = 16, expand 2.
+        expand: E = expand * dim.
         dt_rank: rank R of the step-size projections; None gives ceil(dim / 16) (Mamba).
         conv_size: side of the depthwise convolution before the scan (odd; VMamba: 3).
         skip: add the input to the output (y = x + SS2D(x)), for placements without a residual
@@ -108,8 +109,8 @@ class SS2D(nn.Module):
     def __init__(
         self,
         dim: int,
-        state_dim: int = 16,
-        expand: int = 2,
+        state_dim: int = 1,
+        expand: int = 1,
         dt_rank: int | None = None,
         conv_size: int = 3,
         skip: bool = False,
