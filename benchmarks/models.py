@@ -16,6 +16,11 @@ layer can cost as it is applied; the second, the least its placement costs.
     python benchmarks/models.py                 # table and JSON in outputs/
     python benchmarks/models.py --update-docs   # also rewrites docs/benchmarks.md and README.md
     python benchmarks/models.py --render outputs/benchmarks/models.json   # docs from an earlier run
+    python benchmarks/models.py --only-comparators   # the comparator table alone, printed
+
+Comparators: models with other spatial layers (VMamba's SS2D in the ViT, and the VMamba
+backbone) against the baseline they are trained beside, at the batch of the Fashion-MNIST study
+(128), timed the same way.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from ssm2d.ops import (  # noqa: E402
 )
 
 sys.path.append(str(_HERE))
-from _report import ROOT, markdown_table, report, run_header, update_docs_and_readme  # noqa: E402
+from _report import ROOT, markdown_table, report, run_header, text_table, update_docs_and_readme  # noqa: E402
 
 from ssm2d.layers import SSM2D  # noqa: E402
 
@@ -56,6 +61,9 @@ PAIRS = [
     ("convnext_sd_32", "convnext_sd_32_ssm2d"),
     ("deit_tiny_224", "deit_tiny_224_ssm2d"),
 ]
+# (baseline, model) pairs of the comparator table, at the Fashion-MNIST study's batch.
+COMPARATOR_PAIRS = [("vit_mini_28", "vit_mini_28_ss2d"), ("vit_mini_28", "vmamba_mini_28")]
+COMPARATOR_BATCH = 128
 TARGETS = {"train": 1.3, "infer": 1.1}
 TARGET_BATCH = 8
 AUTHORS_TRAIN = "2.16x (Swin) to 2.36x (Mega) slower training than the baseline, on GPU (the issue's figures)"
@@ -275,7 +283,23 @@ def markdown(payload: dict) -> str:
         *target_lines(payload["results"]),
         "",
         f"For comparison, the authors' implementation: {AUTHORS_TRAIN}.",
+        *comparator_markdown(payload.get("comparators", [])),
     ])  # fmt: skip
+
+
+def comparator_markdown(results: list[dict]) -> list[str]:
+    """The comparator table (see the module docstring), or nothing if it was not measured."""
+    if not results:
+        return []
+    return [
+        "",
+        f"### Comparators against their baseline (batch {results[0]['batch']}, float32)",
+        "",
+        "Other spatial layers and backbones beside the model the study trains them with, timed the same way "
+        "(same run, alternating repetitions); ratios are the model's time over the baseline's.",
+        "",
+        markdown_table(*rows(results)),
+    ]
 
 
 def readme_markdown(payload: dict) -> str:
@@ -297,9 +321,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / "outputs" / "benchmarks" / "models.json")
     parser.add_argument("--update-docs", action="store_true", help="rewrite the generated sections of the docs")
     parser.add_argument("--render", type=Path, help="rewrite the docs from the JSON of an earlier run")
+    parser.add_argument("--only-comparators", action="store_true", help="print the comparator table only")
     args = parser.parse_args()
     if args.render:
         update_docs(json.loads(args.render.read_text()))
+        return
+    if args.only_comparators:
+        print(text_table(*rows(run(COMPARATOR_PAIRS, [COMPARATOR_BATCH], args.reps))))
         return
     pairs = [tuple(p.split(":", 1)) for p in args.pairs] if args.pairs else PAIRS
     for pair in pairs:
@@ -316,6 +344,7 @@ def main() -> None:
         "breakdown": parts,
         "floor_reps": floor_reps,
         "floors": [inference_floor(base, ssm, TARGET_BATCH, floor_reps) for base, ssm in pairs],
+        "comparators": run(COMPARATOR_PAIRS, [COMPARATOR_BATCH], args.reps),
     }
     report(payload, rows(results), target_lines(results), args.json, update_docs if args.update_docs else None)
 

@@ -126,8 +126,9 @@ def test_init():
 def test_no_weight_decay_names_and_groups():
     model = mini()
     names = model.no_weight_decay()
+    tagged = ("A_log", "D", "dt_proj.bias")
     expected = {f"stages.{s}.blocks.{b}.mixer.directions.{k}.{n}"
-                for s in range(2) for b in range(2) for k in range(4) for n in ("A_log", "D", "dt_proj.bias")}  # fmt: skip
+                for s in range(2) for b in range(2) for k in range(4) for n in tagged}  # fmt: skip
     assert names == expected
     groups = ssm2d.param_groups(model, weight_decay=0.1)
     decay = {id(p) for g in groups if g["weight_decay"] == 0.1 for p in g["params"]}

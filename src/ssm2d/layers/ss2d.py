@@ -1,4 +1,4 @@
-"""SS2D: VMamba's 2-D selective scan (Liu et al., NeurIPS 2024, arXiv 2401.10166, section 4).
+"""SS2D: VMamba's 2-D selective scan (Liu et al., NeurIPS 2024, arXiv 2401.10166).
 
 Glossary: B batch, H x W grid, L = H * W, C = dim channels, E = expand * C inner channels,
 N state size, R = dt_rank, K = 4 scan directions.
