@@ -1,10 +1,10 @@
 """VMamba: a hierarchical backbone of VSS blocks around SS2D (Liu et al., NeurIPS 2024, arXiv 2401.10166).
 
-A 4 x 4 patch embedding (convolution + LayerNorm), stages of VSS blocks in the (B, H, W, C)
-layout, a 2 x 2 stride-2 convolution + LayerNorm between stages (the width doubles, the grid
-halves), a final LayerNorm, global average pooling and a linear head. The VSS block is VMamba
-v2's: x + DropPath(SS2D(LN(x))), then x + DropPath(MLP(LN(x))). No position embedding: the
-depthwise convolution and the scans carry position.
+A p x p patch embedding (stride-p convolution + LayerNorm; VMamba's p is 4), stages of VSS
+blocks in the (B, H, W, C) layout, a 2 x 2 stride-2 convolution + LayerNorm between stages (the
+width doubles, the grid halves), a final LayerNorm, global average pooling and a linear head.
+The VSS block is VMamba v2's: x + DropPath(SS2D(LN(x))), then x + DropPath(MLP(LN(x))). No
+position embedding: the depthwise convolution and the scans carry position.
 
 Any input size works: the patch embedding pads the image to a multiple of the patch size, and
 a downsampling pads an odd map with a zero row or column (bottom, right), so a stage's grid is
