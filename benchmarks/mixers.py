@@ -33,7 +33,7 @@ from timm.layers import Attention
 # This folder holds a script named like the package: take it off the path before importing.
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-from ssm2d.layers import S4ND, SSM2D, V2M, SPAttention, VimMixer2d  # noqa: E402
+from ssm2d.layers import S4ND, SS2D, SSM2D, V2M, SPAttention, VimMixer2d  # noqa: E402
 from ssm2d.ops import selective_scan, selective_scan_ref  # noqa: E402
 
 sys.path.append(str(_HERE))
@@ -63,6 +63,7 @@ LAYERS: dict[str, Callable[[int], nn.Module]] = {
     "s4nd": S4ND,
     "vim": VimMixer2d,
     "v2m": V2M,
+    "ss2d": SS2D,
     "sp_attention": SPAttention,
     "attention": lambda dim: Attention2d(dim, _heads(dim)),
 }

@@ -64,7 +64,7 @@ def gflops(model: torch.nn.Module, input_size: tuple[int, int, int]) -> float:
 
 def baseline_of(name: str) -> str | None:
     """The registered model without spatial layers: drop the `_ssm2d...` (or comparator) part of the name."""
-    base = re.sub(r"_(ssm2d(_ffn|_complex)?|s4nd|v2m|vim|spsa|ema)(?=_|$)", "", name)
+    base = re.sub(r"_(ssm2d(_ffn|_complex)?|s4nd|v2m|vim|ss2d|spsa|dwconv|ema)(?=_|$)", "", name)
     return None if base == name else base
 
 
@@ -113,9 +113,10 @@ def main() -> None:
         command = "python " + " ".join(["benchmarks/model_table.py", *sys.argv[1:]])
         note = (
             f"Command: `{command}`. Added parameters are the model's minus its baseline's (the same name without "
-            "`_ssm2d`, `_s4nd`, `_v2m`, `_vim`, `_spsa` or, for Mega, `_ema`); for ConvNeXt they are net of the depthwise convolutions replaced. GFLOPs: one image at the "
-            "default input, torch's FlopCounterMode (2 per multiply-add) plus FFTs at 2.5 N log2 N per real "
-            "transform; elementwise operations are not counted."
+            "`_ssm2d`, `_s4nd`, `_v2m`, `_vim`, `_ss2d`, `_spsa`, `_dwconv` or, for Mega, `_ema`); for ConvNeXt they "
+            "are net of the depthwise convolutions replaced. GFLOPs: one image at the default input, torch's "
+            "FlopCounterMode (2 per multiply-add) plus FFTs at 2.5 N log2 N per real transform; elementwise "
+            "operations are not counted."
         )
         update_section(ROOT / "docs" / "models.md", "models", note + "\n\n" + markdown_table(header, body))
         print("updated docs/models.md")

@@ -19,6 +19,9 @@ Further sections, each with its own JSON key and table:
   the three in alternation, at the same batches.
 - "compile": the training step of `vit_sd_32_ssm2d` (batch 8 and 64) under `torch.compile`
   against eager mode, in alternation, with the compile time (the first compiled step).
+- "comparators": models with other spatial layers (VMamba's SS2D in the ViT, and the VMamba
+  backbone) against the baseline they are trained beside, at the batch of the Fashion-MNIST study
+  (128), timed the same way as the pairs.
 - "deploy": inference of `vit_mini_28_ssm2d` at batch 1 and 64 in eager PyTorch (eval, no_grad,
   kernels cached) and in onnxruntime on the file of `ssm2d export` (kernels materialized as
   depthwise convolutions), in alternation.
@@ -27,6 +30,7 @@ Further sections, each with its own JSON key and table:
     python benchmarks/models.py --update-docs   # also rewrites docs/benchmarks.md and README.md
     python benchmarks/models.py --skip-compile  # without the compiled-step section (minutes of compiling)
     python benchmarks/models.py --render outputs/benchmarks/models.json   # docs from an earlier run
+    python benchmarks/models.py --only-comparators   # the comparator table alone, printed
 """
 
 from __future__ import annotations
@@ -69,6 +73,9 @@ PAIRS = [
     ("convnext_sd_32", "convnext_sd_32_ssm2d"),
     ("deit_tiny_224", "deit_tiny_224_ssm2d"),
 ]
+# (baseline, model) pairs of the comparator table, at the Fashion-MNIST study's batch.
+COMPARATOR_PAIRS = [("vit_mini_28", "vit_mini_28_ss2d"), ("vit_mini_28", "vmamba_mini_28")]
+COMPARATOR_BATCH = 128
 TARGETS = {"train": 1.3, "infer": 1.1}
 TARGET_BATCH = 8
 AUTHORS_TRAIN = "2.16x (Swin) to 2.36x (Mega) slower training than the baseline, on GPU (the issue's figures)"
@@ -343,7 +350,23 @@ def markdown(payload: dict) -> str:
         "",
         f"For comparison, the authors' implementation: {AUTHORS_TRAIN}.",
         *compile_markdown(payload),
+        *comparator_markdown(payload.get("comparators", [])),
     ])  # fmt: skip
+
+
+def comparator_markdown(results: list[dict]) -> list[str]:
+    """The comparator table (see the module docstring), or nothing if it was not measured."""
+    if not results:
+        return []
+    return [
+        "",
+        f"### Comparators against their baseline (batch {results[0]['batch']}, float32)",
+        "",
+        "Other spatial layers and backbones beside the model the study trains them with, timed the same way "
+        "(same run, alternating repetitions); ratios are the model's time over the baseline's.",
+        "",
+        markdown_table(*rows(results)),
+    ]
 
 
 def readme_markdown(payload: dict) -> str:
@@ -490,9 +513,13 @@ def main() -> None:
     parser.add_argument("--render", type=Path, help="rewrite the docs from the JSON of an earlier run")
     parser.add_argument("--skip-compile", action="store_true", help="leave out the compiled training step")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default: inductor)")
+    parser.add_argument("--only-comparators", action="store_true", help="print the comparator table only")
     args = parser.parse_args()
     if args.render:
         update_docs(json.loads(args.render.read_text()))
+        return
+    if args.only_comparators:
+        print(text_table(*rows(run(COMPARATOR_PAIRS, [COMPARATOR_BATCH], args.reps))))
         return
     pairs = [tuple(p.split(":", 1)) for p in args.pairs] if args.pairs else PAIRS
     for pair in pairs:
@@ -511,6 +538,7 @@ def main() -> None:
         "floors": [inference_floor(base, ssm, TARGET_BATCH, floor_reps) for base, ssm in pairs],
         "mega": [mega_measure(batch, args.reps) for batch in args.batches],
         "deploy": deploy_benchmark(DEPLOY_MODEL, DEPLOY_BATCHES, floor_reps),
+        "comparators": run(COMPARATOR_PAIRS, [COMPARATOR_BATCH], args.reps),
     }
     print(text_table(*mega_rows(payload["mega"])))
     print(text_table(*deploy_rows(payload["deploy"])))

@@ -3,6 +3,7 @@
 from . import layers, models, ops
 from .layers import (
     S4ND,
+    SS2D,
     SSM2D,
     V2M,
     MegaEMA,
@@ -22,6 +23,7 @@ __all__ = [
     "MovingAverageGatedAttention",
     "S4ND",
     "SPAttention",
+    "SS2D",
     "SSM2D",
     "V2M",
     "VimMixer",

@@ -487,7 +487,7 @@ def test_list_models_filters_with_shell_patterns():
     assert names == sorted(names)
     assert "vit_sd_32_ssm2d_ffn" not in names and "vit_sd_32" not in names
     suffixes = ("", "_nope", "_ssm2d", "_ssm2d_nope", "_ssm2d_ffn", "_ssm2d_ffn_nope", "_s4nd", "_v2m", "_spsa", "_vim",
-                "_dwconv")
+                "_dwconv", "_ss2d")  # fmt: skip
     assert set(ssm2d.list_models("vit_sd_32*")) == {"vit_sd_32" + s for s in suffixes}
     assert ssm2d.list_models("resnet*") == []
     assert ssm2d.list_models() == sorted(ssm2d.list_models("*"))

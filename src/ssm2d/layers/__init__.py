@@ -7,6 +7,7 @@ from .mega import MovingAverageGatedAttention, NormalizedFFN
 from .placement import GridSize, SpatialAfter, SpatialOnTokens
 from .sp_attention import SPAttention, SPAttentionOnTokens, SpatialPrior
 from .s4nd import S4ND
+from .ss2d import SS2D
 from .ssm2d import SSM2D
 from .v2m import V2M
 from .vim import VimMixer, VimMixer2d
@@ -20,6 +21,7 @@ __all__ = [
     "SPAttentionOnTokens",
     "SpatialPrior",
     "S4ND",
+    "SS2D",
     "SSM2D",
     "V2M",
     "VimMixer",

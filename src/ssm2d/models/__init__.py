@@ -4,7 +4,7 @@ Importing this package registers every model with timm, so `timm.create_model(na
 `ssm2d.create_model(name)` both build them.
 """
 
-from . import convnext, mega, spvit, swin, v2m, vim, vit
+from . import convnext, mega, spvit, swin, v2m, vim, vit, vmamba
 from .registry import create_model, list_models, register_model, register_variants
 from .retrofit import PLACEMENTS, add_spatial_layers, spatial_layers
 
@@ -23,4 +23,5 @@ __all__ = [
     "v2m",
     "vim",
     "vit",
+    "vmamba",
 ]

@@ -3,11 +3,12 @@
 Suffixes: `_ssm2d` puts the layer before each attention ("pre-attention", the paper's default),
 `_ssm2d_ffn` inside each MLP ("mix-ffn"), and `_nope` drops the positional embedding (the
 paper's "no positional encoding" ablation). All take any input size (`dynamic_img_size`).
-The comparators go in the same pre-attention place of the same backbone, so that all five
+The comparators go in the same pre-attention place of the same backbone, so that all six
 spatial layers are compared under one recipe: `_s4nd` (S4ND), `_v2m` (V2M), `_vim` (Vim's
-bidirectional scan over the row-major grid) and `_spsa` (SP-ViT's spatial-prior attention), and
-the control `_dwconv` (a plain depthwise 7 x 7 convolution). `layer_kwargs={...}` passes keyword
-arguments to the inserted layer, e.g. `create_model("vit_mini_28_ssm2d", layer_kwargs={"n_ssm": 4})`.
+bidirectional scan over the row-major grid), `_ss2d` (VMamba's four-way cross-scan) and `_spsa`
+(SP-ViT's spatial-prior attention), and the control `_dwconv` (a plain depthwise 7 x 7 convolution).
+`layer_kwargs={...}` passes keyword arguments to the inserted layer, e.g.
+`create_model("vit_mini_28_ssm2d", layer_kwargs={"n_ssm": 4})`.
 
 - `vit_sd_32`: the small-data ViT of Lee et al. 2021 for 32 x 32 input (CIFAR): patch 4, dim 192,
   depth 9, 12 heads, MLP ratio 2. `vit_sd_64`: the same at 64 x 64 with patch 8 (Tiny-ImageNet).
@@ -24,7 +25,7 @@ from typing import Any
 from timm.models import generate_default_cfgs
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from ..layers import S4ND, SSM2D, V2M, DWConv2d, SPAttention, VimMixer2d
+from ..layers import S4ND, SS2D, SSM2D, V2M, DWConv2d, SPAttention, VimMixer2d
 from .builder import build, cfg
 from .registry import register_variants
 from .retrofit import SpatialLayer
@@ -36,7 +37,8 @@ _SD_32 = dict(img_size=32, patch_size=4, embed_dim=192, depth=9, num_heads=12, m
 _DEIT_TINY = dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3)
 # Variant suffix -> the spatial layer it inserts (pre-attention, or mix-ffn with `_ffn`).
 _MIXERS: dict[str, SpatialLayer] = {
-    "_ssm2d": SSM2D, "_s4nd": S4ND, "_v2m": V2M, "_spsa": SPAttention, "_vim": VimMixer2d, "_dwconv": DWConv2d,
+    "_ssm2d": SSM2D, "_s4nd": S4ND, "_v2m": V2M, "_spsa": SPAttention, "_vim": VimMixer2d, "_ss2d": SS2D,
+    "_dwconv": DWConv2d,
 }  # fmt: skip
 _ALL = ("", "_nope", "_ssm2d", "_ssm2d_nope", "_ssm2d_ffn", "_ssm2d_ffn_nope")
 _COMPARATORS = tuple(k for k in _MIXERS if k != "_ssm2d")
