@@ -5,6 +5,7 @@ from .placement import GridSize, SpatialAfter, SpatialOnTokens
 from .sp_attention import SPAttention, SPAttentionOnTokens, SpatialPrior
 from .s4nd import S4ND
 from .ssm2d import SSM2D
+from .mamba import MambaInner
 from .v2m import V2M
 from .vim import VimMixer, VimMixer2d
 
@@ -14,6 +15,7 @@ __all__ = [
     "SpatialPrior",
     "S4ND",
     "SSM2D",
+    "MambaInner",
     "V2M",
     "VimMixer",
     "VimMixer2d",
