@@ -13,9 +13,14 @@ the cost model picks), and with every layer replaced by the identity (what remai
 placement: splitting off prefix tokens and joining them back). The first is the least the
 layer can cost as it is applied; the second, the least its placement costs.
 
+Comparators: one training step of the Vim and V2M models and of `vit_mini_28` with Vim or V2M
+layers, at batch 64 on 28 x 28 x 1 input, against `vit_mini_28`, all five timed in one
+alternation (targets: at most 2x for Vim, 3x for V2M).
+
     python benchmarks/models.py                 # table and JSON in outputs/
     python benchmarks/models.py --update-docs   # also rewrites docs/benchmarks.md and README.md
     python benchmarks/models.py --render outputs/benchmarks/models.json   # docs from an earlier run
+    python benchmarks/models.py --sections comparators --reps 3             # one section, fewer repetitions
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from ssm2d.ops import (  # noqa: E402
 )
 
 sys.path.append(str(_HERE))
-from _report import ROOT, markdown_table, report, run_header, update_docs_and_readme  # noqa: E402
+from _report import ROOT, markdown_table, report, run_header, text_table, update_section  # noqa: E402
 
 from ssm2d.layers import SSM2D  # noqa: E402
 
@@ -57,6 +62,10 @@ PAIRS = [
     ("deit_tiny_224", "deit_tiny_224_ssm2d"),
 ]
 TARGETS = {"train": 1.3, "infer": 1.1}
+# Comparator models -> the most times vit_mini_28's training step they may take (batch 64).
+COMPARATOR_BASELINE = "vit_mini_28"
+COMPARATORS = {"vit_mini_28_vim": 2.0, "vim_mini_28": 2.0, "vit_mini_28_v2m": 3.0, "v2m_mini_28": 3.0}
+COMPARATOR_BATCH = 64
 TARGET_BATCH = 8
 AUTHORS_TRAIN = "2.16x (Swin) to 2.36x (Mega) slower training than the baseline, on GPU (the issue's figures)"
 
@@ -115,6 +124,59 @@ def measure(base_name: str, ssm_name: str, batch: int, reps: int) -> dict:
         "train_ms": train, "infer_ms": infer,
         "train_ratio": train[1] / train[0], "infer_ratio": infer[1] / infer[0],
     }  # fmt: skip
+
+
+def measure_comparators(batch: int, reps: int) -> dict:
+    """Training step (ms) of the baseline and every comparator model, all in one alternation."""
+    torch.manual_seed(0)
+    names = [COMPARATOR_BASELINE, *COMPARATORS]
+    models = [ssm2d.create_model(name) for name in names]
+    c, h, w = models[0].pretrained_cfg["input_size"]
+    x = torch.randn(batch, c, h, w)
+    y = torch.randint(0, models[0].num_classes, (batch,))
+    times = alternate([train_step_fn(m, x, y) for m in models], reps)
+    print(f"comparators (batch {batch}, train ms): " + ", ".join(f"{n} {t:.1f}" for n, t in zip(names, times)))
+    return {
+        "baseline": COMPARATOR_BASELINE, "input": f"{c}x{h}x{w}", "batch": batch, "reps": reps,
+        "models": [{"model": n, "params": sum(p.numel() for p in m.parameters()), "train_ms": t,
+                    "ratio": t / times[0]} for n, m, t in zip(names, models, times)],
+    }  # fmt: skip
+
+
+def comparator_rows(comp: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["model", "params", "train ms", f"over `{comp['baseline']}`", "target"]
+    body = [[f"`{r['model']}`", f"{r['params'] / 1e3:,.0f}k", f"{r['train_ms']:.1f}", f"{r['ratio']:.2f}x",
+             f"<= {COMPARATORS[r['model']]:g}x" if r["model"] in COMPARATORS else "-"]
+            for r in comp["models"]]  # fmt: skip
+    return header, body
+
+
+def comparator_lines(comp: dict) -> list[str]:
+    lines = []
+    for r in comp["models"]:
+        if r["model"] in COMPARATORS:
+            limit = COMPARATORS[r["model"]]
+            verdict = "met" if r["ratio"] <= limit else "NOT met"
+            lines.append(f"- `{r['model']}` training step at batch {comp['batch']}: {r['ratio']:.2f}x "
+                         f"`{comp['baseline']}` (target <= {limit:g}x): {verdict}")  # fmt: skip
+    return lines
+
+
+def comparator_markdown(payload: dict) -> str:
+    comp, m = payload["comparators"], payload["machine"]
+    return "\n".join([
+        "### Comparators: Vim and V2M against the plain ViT (float32)",
+        "",
+        f"Command: `{payload['command']}`  ",
+        f"Run: {payload['date']} on {m['cpu']}, {m['threads']} threads, torch {m['torch']}; one training step "
+        f"(forward, cross-entropy backward, AdamW step) at batch {comp['batch']} on {comp['input']} input, the five "
+        f"models timed in one alternation, medians of {comp['reps']} repetitions.",
+        "",
+        markdown_table(*comparator_rows(comp)),
+        "",
+        "Targets:",
+        *comparator_lines(comp),
+    ])  # fmt: skip
 
 
 def breakdown(model_name: str, batch: int, reps: int) -> dict[str, float]:
@@ -279,14 +341,27 @@ def markdown(payload: dict) -> str:
 
 
 def readme_markdown(payload: dict) -> str:
-    header, body = rows(payload["results"])
-    keep = [0, 2, 3, 6, 9]  # model, input, batch, train ratio, infer ratio
     intro = f"`{payload['command']}` ({payload['date']}, float32, {payload['machine']['threads']} CPU threads):"
-    return "\n".join([intro, "", markdown_table([header[i] for i in keep], [[r[i] for i in keep] for r in body])])
+    parts = [intro]
+    if payload.get("results"):
+        header, body = rows(payload["results"])
+        keep = [0, 2, 3, 6, 9]  # model, input, batch, train ratio, infer ratio
+        parts += ["", markdown_table([header[i] for i in keep], [[r[i] for i in keep] for r in body])]
+    if payload.get("comparators"):
+        comp = payload["comparators"]
+        parts += ["", f"Vim and V2M, training step at batch {comp['batch']} on {comp['input']} against "
+                  f"`{comp['baseline']}`:", "", markdown_table(*comparator_rows(comp)), "", *comparator_lines(comp)]
+    return "\n".join(parts)
 
 
 def update_docs(payload: dict) -> None:
-    update_docs_and_readme("models", markdown(payload), readme_markdown(payload))
+    """The models section (if measured), the comparators section (if measured) and the README block."""
+    if payload.get("results"):
+        update_section(ROOT / "docs" / "benchmarks.md", "models", markdown(payload))
+    if payload.get("comparators"):
+        update_section(ROOT / "docs" / "benchmarks.md", "models-comparators", comparator_markdown(payload))
+    update_section(ROOT / "README.md", "models-results", readme_markdown(payload))
+    print("updated docs/benchmarks.md and README.md")
 
 
 def main() -> None:
@@ -294,6 +369,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[TARGET_BATCH, 64], help="batch sizes")
     parser.add_argument("--reps", type=int, default=15, help="timed repetitions per model")
     parser.add_argument("--pairs", nargs="+", metavar="BASE:SSM", help="model pairs (default: the four of the issue)")
+    parser.add_argument("--sections", nargs="+", choices=["pairs", "comparators"], default=["pairs", "comparators"],
+                        help="what to measure: the +2-D SSM pairs (table, breakdown, floors), the comparators")
     parser.add_argument("--json", type=Path, default=ROOT / "outputs" / "benchmarks" / "models.json")
     parser.add_argument("--update-docs", action="store_true", help="rewrite the generated sections of the docs")
     parser.add_argument("--render", type=Path, help="rewrite the docs from the JSON of an earlier run")
@@ -305,19 +382,22 @@ def main() -> None:
     for pair in pairs:
         if len(pair) != 2:
             parser.error(f"--pairs: expected BASE:SSM, got {':'.join(pair)!r}")
-    results = run(pairs, args.batches, args.reps)
-    parts = breakdown(pairs[0][1], args.batches[0], args.reps)
-    print("breakdown (ms):", {k: round(v, 2) if isinstance(v, float) else v for k, v in parts.items()})
-    floor_reps = 2 * args.reps  # inference only: twice the repetitions cost little
-    payload = {
-        **run_header("models"),
-        "reps": args.reps,
-        "results": results,
-        "breakdown": parts,
-        "floor_reps": floor_reps,
-        "floors": [inference_floor(base, ssm, TARGET_BATCH, floor_reps) for base, ssm in pairs],
-    }
-    report(payload, rows(results), target_lines(results), args.json, update_docs if args.update_docs else None)
+    payload: dict = {**run_header("models"), "reps": args.reps, "results": []}
+    if "pairs" in args.sections:
+        results = run(pairs, args.batches, args.reps)
+        parts = breakdown(pairs[0][1], args.batches[0], args.reps)
+        print("breakdown (ms):", {k: round(v, 2) if isinstance(v, float) else v for k, v in parts.items()})
+        floor_reps = 2 * args.reps  # inference only: twice the repetitions cost little
+        payload.update(
+            results=results, breakdown=parts, floor_reps=floor_reps,
+            floors=[inference_floor(base, ssm, TARGET_BATCH, floor_reps) for base, ssm in pairs],
+        )  # fmt: skip
+    targets = target_lines(payload["results"])
+    if "comparators" in args.sections:
+        payload["comparators"] = measure_comparators(COMPARATOR_BATCH, args.reps)
+        print(text_table(*comparator_rows(payload["comparators"])))
+        targets += comparator_lines(payload["comparators"])
+    report(payload, rows(payload["results"]), targets, args.json, update_docs if args.update_docs else None)
 
 
 if __name__ == "__main__":
