@@ -23,7 +23,7 @@ the batch the same way from per-row values.
 
 Compiled on first use per dtype (float32, float64) and cached on disk (`cache=True`): next to
 this file when the package directory is writable, else in numba's user cache directory
-(`NUMBA_CACHE_DIR` when set). The kernels use as many threads as `torch.get_num_threads()`
+(`NUMBA_CACHE_DIR` when set). The kernels use as many threads as `torch.get_numuse_torch_threads()`
 (capped by numba's `NUMBA_NUM_THREADS`).
 """
 
@@ -36,6 +36,7 @@ from torch import Tensor
 
 from .fast_exp import fast_exp
 from .first_order import first_order_only
+from .numba_arrays import as_array, use_torch_threads
 
 __all__ = ["CHECKPOINT_STEPS", "fused_scan"]
 
@@ -170,20 +171,6 @@ def _backward_kernel(
         gD_rows[b, d] = gD
 
 
-def _array(t: Tensor | None, like: Tensor, ndim: int) -> np.ndarray:
-    """A contiguous numpy view of `t`, or an empty array of `like`'s dtype when `t` is None."""
-    if t is None:
-        return np.empty((0,) * ndim, dtype=like.detach().numpy().dtype)
-    return t.detach().contiguous().numpy()
-
-
-def _threads() -> int:
-    """Make numba use torch's thread count (at most NUMBA_NUM_THREADS); return that count."""
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(threads)
-    return threads
-
-
 class _FusedScan(torch.autograd.Function):
     """(out, last state) of the module docstring's recurrence from the step sizes; see `fused_scan`."""
 
@@ -194,10 +181,10 @@ class _FusedScan(torch.autograd.Function):
         ypre = torch.empty_like(u) if z is not None else u.new_empty(0, 0, 0)
         ckpt = u.new_empty(bsz, d, -(-length // CHECKPOINT_STEPS), A.shape[1])
         last = u.new_empty(bsz, d, A.shape[1])
-        _threads()
+        use_torch_threads()
         _forward_kernel(
-            _array(u, u, 3), _array(dt, u, 3), _array(A, u, 2), _array(Bt, u, 4), _array(Ct, u, 4),
-            _array(D, u, 1), _array(z, u, 3), D is not None, z is not None, CHECKPOINT_STEPS,
+            as_array(u, u, 3), as_array(dt, u, 3), as_array(A, u, 2), as_array(Bt, u, 4), as_array(Ct, u, 4),
+            as_array(D, u, 1), as_array(z, u, 3), D is not None, z is not None, CHECKPOINT_STEPS,
             out.numpy(), ypre.numpy(), ckpt.numpy(), last.numpy(),
         )  # fmt: skip
         ctx.save_for_backward(u, dt, A, Bt, Ct, D, z, ckpt, ypre)
@@ -208,15 +195,15 @@ class _FusedScan(torch.autograd.Function):
     @first_order_only("selective_scan (fused CPU kernel)")
     def backward(ctx, gout: Tensor | None, glast: Tensor | None):
         u, dt, A, Bt, Ct, D, z, ckpt, ypre = ctx.saved_tensors
-        threads = _threads()
+        threads = use_torch_threads()
         gu, gdt = torch.empty_like(u), torch.empty_like(u)
         gz = torch.empty_like(u) if z is not None else u.new_empty(0, 0, 0)
         gA_rows, gD_rows = u.new_empty(*u.shape[:2], A.shape[1]), u.new_empty(u.shape[:2])
         gB_threads, gC_threads = Bt.new_zeros(threads, *Bt.shape), Ct.new_zeros(threads, *Ct.shape)
         _backward_kernel(
-            _array(u, u, 3), _array(dt, u, 3), _array(A, u, 2), _array(Bt, u, 4), _array(Ct, u, 4),
-            _array(D, u, 1), _array(z, u, 3), D is not None, z is not None, CHECKPOINT_STEPS, ckpt.numpy(),
-            ypre.numpy(), _array(torch.zeros_like(u) if gout is None else gout, u, 3), _array(glast, u, 3),
+            as_array(u, u, 3), as_array(dt, u, 3), as_array(A, u, 2), as_array(Bt, u, 4), as_array(Ct, u, 4),
+            as_array(D, u, 1), as_array(z, u, 3), D is not None, z is not None, CHECKPOINT_STEPS, ckpt.numpy(),
+            ypre.numpy(), as_array(torch.zeros_like(u) if gout is None else gout, u, 3), as_array(glast, u, 3),
             glast is not None, gu.numpy(), gdt.numpy(), gz.numpy(), gA_rows.numpy(), gD_rows.numpy(),
             gB_threads.numpy(), gC_threads.numpy(),
         )  # fmt: skip
