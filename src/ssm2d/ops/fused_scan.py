@@ -3,27 +3,28 @@
 Glossary: B batch, D channels, L sequence length, N state size, G groups of B/C, T steps per
 checkpoint chunk, K = ceil(L / T) chunks.
 
-The recurrence of `ssm2d.ops.selective_scan` (Gu & Dao 2023, section 3), with the bias,
-softplus, D skip and silu(z) gate fused in::
+The recurrence of `ssm2d.ops.selective_scan` (Gu & Dao 2023, section 3) from the step sizes
+delta_t (bias and softplus applied by the caller, in torch, vectorised), with the D skip and the
+silu(z) gate fused in::
 
-    delta_t = softplus(delta_t + delta_bias),   h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,
-    y_t = C_t . h_t + D u_t,                     out_t = y_t silu(z_t)
+    h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,   y_t = C_t . h_t + D u_t,   out_t = y_t silu(z_t)
 
-Each (batch, channel) row is one sequential loop over t with the N states in registers; the
-rows run in parallel (`numba.prange`). Per step the kernel reads u, delta, z and one B_t and
-C_t row and writes one output: the (B, D, L, N) state is never stored.
+Each (batch, channel) row is one sequential loop over t, the rows in parallel
+(`numba.prange`). Per step the kernel reads u, delta, z and one B_t and C_t row and writes one
+output: the (B, D, L, N) state is never stored. The loop over the N states has no reduction
+and no call into libm (`fast_exp`), so LLVM vectorises it; sums over N are taken after it.
 
 Backward. The forward keeps the state at the start of every chunk of T steps, (B, D, K, N).
 The backward walks the chunks from the last: it recomputes the chunk's T states from its
 checkpoint into a (T + 1, N) buffer, then runs the adjoint g_t = exp(delta_{t+1} A) g_{t+1} +
 C_t dy_t backwards through the chunk, as mamba-ssm's CUDA kernel does. The gradients of B and C
 are sums over the channels of a group, written by many rows: each thread accumulates into its
-own (B, G, L, N) copy, summed afterwards; the gradients of A, D and delta_bias are summed over
-the batch the same way from per-row values.
+own (B, G, L, N) copy, summed afterwards; the gradients of A and D are summed over the batch
+the same way from per-row values.
 
 Compiled on first use per dtype (float32, float64) and cached on disk (`cache=True`): next to
 this file when the package directory is writable, else in numba's user cache directory
-(`NUMBA_CACHE_DIR` when set). The kernels use as many threads as `torch.get_numuse_torch_threads()`
+(`NUMBA_CACHE_DIR` when set). The kernels use as many threads as `torch.get_num_threads()`
 (capped by numba's `NUMBA_NUM_THREADS`).
 """
 
@@ -41,8 +42,8 @@ from .numba_arrays import as_array, use_torch_threads
 __all__ = ["CHECKPOINT_STEPS", "fused_scan"]
 
 # T: steps between saved states. The backward recomputes a chunk into a (T + 1, N) buffer that
-# stays in L1; the checkpoints cost B D L N / T. At B 2, D 192, L 3136, N 16 on 2 cores,
-# T = 16, 32, 64 and 128 ran within 5 % of each other.
+# stays in L1; the checkpoints cost B D L N / T. At B 2, D 192, L 3136, N 16 (forward +
+# backward, 2 loaded cores, in alternation) T = 16, 64 and 256 ran within 4 % of each other.
 CHECKPOINT_STEPS = 64
 
 
