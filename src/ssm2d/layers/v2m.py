@@ -159,7 +159,7 @@ class V2M(nn.Module):
         u, z = rearrange(xz, "b h w e -> (b h) e w").chunk(2, dim=1)  # (4B H', E, W') each
         u = self.pass1(u, z, self.fast_path)  # along rows
         # Pass 2 scans the columns of the gated pass-1 output, gated by the same z.
-        u, z = rearrange(torch.cat([u, z], dim=1), "(b h) e w -> (b w) e h", h=rows).chunk(2, dim=1)
+        u, z = (rearrange(t, "(b h) e w -> (b w) e h", h=rows) for t in (u, z))  # (4B W', E, H') each
         y = self.pass2(u, z, self.fast_path)  # (4B W', E, H'), along columns
         y = rearrange(y, "(o b w) e h -> o b h w e", o=len(orientations), h=rows, w=xz.shape[2])
         y = [_unorient(branch, o) for branch, o in zip(y, orientations)]  # aligned with the input
