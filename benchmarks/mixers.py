@@ -6,8 +6,11 @@ RSS (VmHWM) over the resident set once the layer, its input and the output gradi
 a fresh process per case. A case that runs out of its memory budget or time is reported as '-'
 with the reason.
 
-Scan: `selective_scan` (chunked) against `selective_scan_ref` (sequential), forward + backward,
-at L = 3136 (56 x 56 tokens) with the shapes of one Vim direction at this width.
+Scan: forward + backward at B 2, D 192, L 3136 (56 x 56 tokens), N 16, with D, z, delta_bias
+and softplus as Vim calls it: `selective_scan` on the CPU (the fused numba kernel), the chunked
+torch scan (`chunk_size` given), mambapy's `pscan` (the usual pure-PyTorch choice, called as
+mambapy's `MambaBlock.selective_scan` calls it) and the sequential `selective_scan_ref`, timed in
+alternation.
 
     python benchmarks/mixers.py                  # full table, JSON in outputs/
     python benchmarks/mixers.py --update-docs    # also rewrites docs/benchmarks.md and README.md
@@ -28,21 +31,24 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from mambapy.pscan import pscan
 from timm.layers import Attention
 
 # This folder holds a script named like the package: take it off the path before importing.
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 from ssm2d.layers import S4ND, SS2D, SSM2D, V2M, SPAttention, VimMixer2d  # noqa: E402
-from ssm2d.ops import selective_scan, selective_scan_ref  # noqa: E402
+from ssm2d.ops import default_chunk_size, selective_scan, selective_scan_ref  # noqa: E402
 
 sys.path.append(str(_HERE))
 from _report import ROOT, markdown_table, median_ms, report, run_header, status_kb, update_docs_and_readme  # noqa: E402
 
 BATCH, DIM = 16, 192
-SCAN = {"batch": 2, "channels": 2 * DIM, "state": 16, "length": 56 * 56}  # one Vim direction, expand 2
+SCAN = {"batch": 2, "channels": DIM, "state": 16, "length": 56 * 56}
 SLOW_STEP_S = 5.0  # cases whose warm-up step takes longer get at most 2 timed repetitions
-TARGETS = {"scan_speedup": 10.0, "attention_side": 56}
+# The fused scan's speed-up over pscan and over the sequential ref, and SSM2D vs attention.
+TARGETS = {"scan_over_pscan": 30.0, "scan_over_ref": 10.0, "attention_side": 56}
 
 
 class Attention2d(nn.Module):
@@ -148,18 +154,50 @@ def scan_inputs(batch: int, channels: int, state: int, length: int) -> list[torc
     return [t.requires_grad_() for t in (u, delta, a, b, c, d, z, bias)]
 
 
-def measure_scan(reps: int) -> dict:
+def pscan_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True) -> torch.Tensor:
+    """The same scan through mambapy's `pscan`, as its `MambaBlock.selective_scan` calls it (in its
+    (B, L, D) layout), with softplus, bias and gate around it."""
+    dt = F.softplus(delta + delta_bias[:, None]).mT  # (B, L, D)
+    x = u.mT
+    delta_a = torch.exp(dt.unsqueeze(-1) * A)  # (B, L, D, N)
+    bx = dt.unsqueeze(-1) * B.mT.unsqueeze(2) * x.unsqueeze(-1)  # (B, L, D, N)
+    hs = pscan(delta_a, bx)
+    y = (hs @ C.mT.unsqueeze(-1)).squeeze(3) + D * x  # (B, L, D)
+    return y.mT * F.silu(z)
+
+
+def chunked(*args, **kwargs) -> torch.Tensor:
+    return selective_scan(*args, **kwargs, chunk_size=default_chunk_size(args[0].shape[-1]))
+
+
+SCANS = {"fused": selective_scan, "chunked": chunked, "pscan": pscan_scan, "ref": selective_scan_ref}
+
+
+def measure_scan(reps: int, ref_reps: int) -> dict:
+    """Forward + backward ms of each scan: fused, chunked and pscan in alternation, then the ref."""
     inputs = scan_inputs(**SCAN)
     grad = torch.randn_like(inputs[0])
 
-    def step(fn: Callable[..., torch.Tensor]) -> None:
-        for t in inputs:
-            t.grad = None
-        fn(*inputs, delta_softplus=True).backward(grad)
+    def step(fn: Callable[..., torch.Tensor]) -> Callable[[], None]:
+        def run_once() -> None:
+            for t in inputs:
+                t.grad = None
+            fn(*inputs, delta_softplus=True).backward(grad)
 
-    fast = median_ms(lambda: step(selective_scan), 3 * reps)
-    ref = median_ms(lambda: step(selective_scan_ref), reps, warmup=0)  # nothing to warm: one op per step
-    return {**SCAN, "fast_ms": fast, "ref_ms": ref, "speedup": ref / fast}
+        return run_once
+
+    for name in ("fused", "chunked", "pscan"):
+        step(SCANS[name])()  # warm-up: compile or load the kernel, allocate the workspaces
+    times: dict[str, list[float]] = {"fused": [], "chunked": [], "pscan": []}
+    for _ in range(reps):
+        for name, out in times.items():
+            start = time.perf_counter()
+            step(SCANS[name])()
+            out.append(time.perf_counter() - start)
+    ms = {name: 1e3 * sorted(t)[len(t) // 2] for name, t in times.items()}
+    ms["ref"] = median_ms(step(selective_scan_ref), ref_reps, warmup=0)  # one op per step: nothing to warm
+    return {**SCAN, **{f"{name}_ms": v for name, v in ms.items()},
+            "over_pscan": ms["pscan"] / ms["fused"], "over_ref": ms["ref"] / ms["fused"]}  # fmt: skip
 
 
 def run(layers: list[str], sides: list[int], reps: int, budget_gb: float, timeout_s: float) -> list[dict]:
@@ -175,8 +213,8 @@ def run(layers: list[str], sides: list[int], reps: int, budget_gb: float, timeou
 
 def check_targets(payload: dict) -> list[dict]:
     scan = payload["scan"]
-    checks = [{"metric": "scan_speedup", "value": scan["speedup"], "limit": TARGETS["scan_speedup"],
-               "met": scan["speedup"] >= TARGETS["scan_speedup"]}]  # fmt: skip
+    checks = [{"metric": metric, "value": scan[key], "limit": TARGETS[metric], "met": scan[key] >= TARGETS[metric]}
+              for metric, key in (("scan_over_pscan", "over_pscan"), ("scan_over_ref", "over_ref"))]  # fmt: skip
     side = TARGETS["attention_side"]
     by_case = {(r["layer"], r["side"]): r for r in payload["results"]}
     ssm, attn = by_case.get(("ssm2d", side), {}), by_case.get(("attention", side), {})
@@ -184,6 +222,14 @@ def check_targets(payload: dict) -> list[dict]:
         checks.append({"metric": "ssm2d_over_attention", "side": side, "value": ssm["ms"] / attn["ms"],
                        "limit": 1.0, "met": ssm["ms"] < attn["ms"]})  # fmt: skip
     return checks
+
+
+SCAN_LABELS = {
+    "fused": "`selective_scan` (fused numba kernel, CPU)",
+    "chunked": "chunked torch scan (`chunk_size` given)",
+    "pscan": "mambapy's `pscan`",
+    "ref": "`selective_scan_ref` (sequential)",
+}
 
 
 def fmt(value: float | None, unit: str = "") -> str:
@@ -209,8 +255,9 @@ def target_lines(checks: list[dict], side: int = TARGETS["attention_side"]) -> l
     lines = []
     for c in checks:
         verdict = "met" if c["met"] else "NOT met"
-        if c["metric"] == "scan_speedup":
-            lines.append(f"- chunked selective scan vs its sequential ref at L = {SCAN['length']}: "
+        if c["metric"].startswith("scan_over_"):
+            other = "mambapy's `pscan`" if c["metric"] == "scan_over_pscan" else "the sequential `selective_scan_ref`"
+            lines.append(f"- fused selective scan vs {other} at L = {SCAN['length']}: "
                          f"{c['value']:.1f}x faster (target >= {c['limit']:g}x): {verdict}")  # fmt: skip
         else:
             lines.append(f"- `SSM2D` vs attention at {c['side']}x{c['side']}: {c['value']:.2f}x its time "
@@ -247,8 +294,11 @@ def markdown(payload: dict) -> str:
         *(["", "Not measured ('-'):", *missing] if missing else []),
         "",
         f"Selective scan, forward + backward at L = {scan['length']} (batch {scan['batch']}, D = {scan['channels']}, "
-        f"N = {scan['state']}, with D, z, delta_bias and softplus as Vim calls it): chunked `selective_scan` "
-        f"{fmt(scan['fast_ms'])} ms, sequential `selective_scan_ref` {fmt(scan['ref_ms'])} ms.",
+        f"N = {scan['state']}, with D, z, delta_bias and softplus as Vim calls it; the first three in alternation):",
+        "",
+        markdown_table(["scan", "ms", "fused is faster by"],
+                       [[label, fmt(scan[f"{name}_ms"]), "-" if name == "fused" else
+                         f"{scan[f'{name}_ms'] / scan['fused_ms']:.1f}x"] for name, label in SCAN_LABELS.items()]),
         "",
         "Targets:",
         *target_lines(payload["targets"]),
@@ -277,7 +327,9 @@ def main() -> None:
     parser.add_argument("--layers", nargs="+", choices=list(LAYERS), default=list(LAYERS), help="layers to time")
     parser.add_argument("--quick", action="store_true", help="14 x 14 only, one repetition")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per case")
-    parser.add_argument("--scan-reps", type=int, default=3, help="timed repetitions of the ref scan (fast: 3x)")
+    parser.add_argument("--scan-reps", type=int, default=5, help="timed repetitions of the fused, chunked and pscan scans")
+    parser.add_argument("--ref-reps", type=int, default=2, help="timed repetitions of the sequential ref scan")
+    parser.add_argument("--scan-only", action="store_true", help="measure the scan alone (no layer table)")
     parser.add_argument("--memory-gb", type=float, default=20.0, help="memory budget of one case")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds one case may take")
     parser.add_argument("--json", type=Path, default=ROOT / "outputs" / "benchmarks" / "mixers.json")
@@ -293,11 +345,11 @@ def main() -> None:
         update_docs(json.loads(args.render.read_text()))
         return
     if args.quick:
-        args.sides, args.reps, args.scan_reps = [14], 1, 1
+        args.sides, args.reps, args.scan_reps, args.ref_reps = [14], 1, 1, 1
     layers = {name: describe(name) for name in args.layers}
-    results = run(args.layers, args.sides, args.reps, args.memory_gb, args.timeout)
-    scan = measure_scan(args.scan_reps)
-    print(f"  scan L={scan['length']}: {scan['fast_ms']:,.0f} ms, ref {scan['ref_ms']:,.0f} ms", file=sys.stderr)
+    results = [] if args.scan_only else run(args.layers, args.sides, args.reps, args.memory_gb, args.timeout)
+    scan = measure_scan(args.scan_reps, args.ref_reps)
+    print(f"  scan L={scan['length']}: " + ", ".join(f"{n} {scan[f'{n}_ms']:,.0f} ms" for n in SCANS), file=sys.stderr)
     payload = {
         **run_header("mixers"),
         "reps": args.reps,

@@ -19,18 +19,18 @@ Further sections, each with its own JSON key and table:
   the three in alternation, at the same batches.
 - "compile": the training step of `vit_sd_32_ssm2d` (batch 8 and 64) under `torch.compile`
   against eager mode, in alternation, with the compile time (the first compiled step).
-- "comparators": models with other spatial layers (VMamba's SS2D in the ViT, and the VMamba
-  backbone) against the baseline they are trained beside, at the batch of the Fashion-MNIST study
-  (128), timed the same way as the pairs.
+- "comparators": one training step of the other spatial layers' models at batch 64 on 28 x 28 x 1
+  input against `vit_mini_28`, all in one alternation: Vim and V2M (the ViT with their layers and
+  the stand-alone models; targets: at most 2x for Vim, 3x for V2M), VMamba's SS2D in the ViT and
+  the VMamba backbone, and Mega with the 2-D SSM.
 - "deploy": inference of `vit_mini_28_ssm2d` at batch 1 and 64 in eager PyTorch (eval, no_grad,
   kernels cached) and in onnxruntime on the file of `ssm2d export` (kernels materialized as
   depthwise convolutions), in alternation.
 
     python benchmarks/models.py                 # table and JSON in outputs/
     python benchmarks/models.py --update-docs   # also rewrites docs/benchmarks.md and README.md
-    python benchmarks/models.py --skip-compile  # without the compiled-step section (minutes of compiling)
     python benchmarks/models.py --render outputs/benchmarks/models.json   # docs from an earlier run
-    python benchmarks/models.py --only-comparators   # the comparator table alone, printed
+    python benchmarks/models.py --sections comparators --reps 3             # one section, fewer repetitions
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ from ssm2d.ops import (  # noqa: E402
 
 sys.path.append(str(_HERE))
 from _report import (  # noqa: E402
-    ROOT, markdown_table, report, run_header, text_table, update_docs_and_readme, update_section,
+    ROOT, markdown_table, report, run_header, text_table, update_section,
 )
 
 from ssm2d.layers import SSM2D  # noqa: E402
@@ -73,11 +73,17 @@ PAIRS = [
     ("convnext_sd_32", "convnext_sd_32_ssm2d"),
     ("deit_tiny_224", "deit_tiny_224_ssm2d"),
 ]
-# (baseline, model) pairs of the comparator table, at the Fashion-MNIST study's batch.
-COMPARATOR_PAIRS = [("vit_mini_28", "vit_mini_28_ss2d"), ("vit_mini_28", "vmamba_mini_28")]
-COMPARATOR_BATCH = 128
 TARGETS = {"train": 1.3, "infer": 1.1}
+# Comparator models -> the most times vit_mini_28's training step they may take (batch 64), or
+# None where no target is set.
+COMPARATOR_BASELINE = "vit_mini_28"
+COMPARATORS: dict[str, float | None] = {
+    "vit_mini_28_vim": 2.0, "vim_mini_28": 2.0, "vit_mini_28_v2m": 3.0, "v2m_mini_28": 3.0,
+    "vit_mini_28_ss2d": None, "vmamba_mini_28": None, "vit_mini_28_ssm2d": None, "mega_mini_28_ssm2d": None,
+}  # fmt: skip
+COMPARATOR_BATCH = 64
 TARGET_BATCH = 8
+SECTIONS = ("pairs", "compile", "comparators", "mega", "deploy")
 AUTHORS_TRAIN = "2.16x (Swin) to 2.36x (Mega) slower training than the baseline, on GPU (the issue's figures)"
 
 
@@ -135,6 +141,59 @@ def measure(base_name: str, ssm_name: str, batch: int, reps: int) -> dict:
         "train_ms": train, "infer_ms": infer,
         "train_ratio": train[1] / train[0], "infer_ratio": infer[1] / infer[0],
     }  # fmt: skip
+
+
+def measure_comparators(batch: int, reps: int) -> dict:
+    """Training step (ms) of the baseline and every comparator model, all in one alternation."""
+    torch.manual_seed(0)
+    names = [COMPARATOR_BASELINE, *COMPARATORS]
+    models = [ssm2d.create_model(name) for name in names]
+    c, h, w = models[0].pretrained_cfg["input_size"]
+    x = torch.randn(batch, c, h, w)
+    y = torch.randint(0, models[0].num_classes, (batch,))
+    times = alternate([train_step_fn(m, x, y) for m in models], reps)
+    print(f"comparators (batch {batch}, train ms): " + ", ".join(f"{n} {t:.1f}" for n, t in zip(names, times)))
+    return {
+        "baseline": COMPARATOR_BASELINE, "input": f"{c}x{h}x{w}", "batch": batch, "reps": reps,
+        "models": [{"model": n, "params": sum(p.numel() for p in m.parameters()), "train_ms": t,
+                    "ratio": t / times[0]} for n, m, t in zip(names, models, times)],
+    }  # fmt: skip
+
+
+def comparator_rows(comp: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["model", "params", "train ms", f"over `{comp['baseline']}`", "target"]
+    body = [[f"`{r['model']}`", f"{r['params'] / 1e3:,.0f}k", f"{r['train_ms']:.1f}", f"{r['ratio']:.2f}x",
+             f"<= {COMPARATORS[r['model']]:g}x" if COMPARATORS.get(r["model"]) else "-"]
+            for r in comp["models"]]  # fmt: skip
+    return header, body
+
+
+def comparator_lines(comp: dict) -> list[str]:
+    lines = []
+    for r in comp["models"]:
+        limit = COMPARATORS.get(r["model"])
+        if limit:
+            verdict = "met" if r["ratio"] <= limit else "NOT met"
+            lines.append(f"- `{r['model']}` training step at batch {comp['batch']}: {r['ratio']:.2f}x "
+                         f"`{comp['baseline']}` (target <= {limit:g}x): {verdict}")  # fmt: skip
+    return lines
+
+
+def comparator_markdown(payload: dict) -> str:
+    comp, m = payload["comparators"], payload["machine"]
+    return "\n".join([
+        "### Comparators: the other spatial layers' models against the plain ViT (float32)",
+        "",
+        f"Command: `{payload['command']}`  ",
+        f"Run: {payload['date']} on {m['cpu']}, {m['threads']} threads, torch {m['torch']}; one training step "
+        f"(forward, cross-entropy backward, AdamW step) at batch {comp['batch']} on {comp['input']} input, the "
+        f"{len(comp['models'])} models timed in one alternation, medians of {comp['reps']} repetitions.",
+        "",
+        markdown_table(*comparator_rows(comp)),
+        "",
+        "Targets:",
+        *comparator_lines(comp),
+    ])  # fmt: skip
 
 
 def breakdown(model_name: str, batch: int, reps: int) -> dict[str, float]:
@@ -350,30 +409,21 @@ def markdown(payload: dict) -> str:
         "",
         f"For comparison, the authors' implementation: {AUTHORS_TRAIN}.",
         *compile_markdown(payload),
-        *comparator_markdown(payload.get("comparators", [])),
     ])  # fmt: skip
 
 
-def comparator_markdown(results: list[dict]) -> list[str]:
-    """The comparator table (see the module docstring), or nothing if it was not measured."""
-    if not results:
-        return []
-    return [
-        "",
-        f"### Comparators against their baseline (batch {results[0]['batch']}, float32)",
-        "",
-        "Other spatial layers and backbones beside the model the study trains them with, timed the same way "
-        "(same run, alternating repetitions); ratios are the model's time over the baseline's.",
-        "",
-        markdown_table(*rows(results)),
-    ]
-
-
 def readme_markdown(payload: dict) -> str:
-    header, body = rows(payload["results"])
-    keep = [0, 2, 3, 6, 9]  # model, input, batch, train ratio, infer ratio
     intro = f"`{payload['command']}` ({payload['date']}, float32, {payload['machine']['threads']} CPU threads):"
-    return "\n".join([intro, "", markdown_table([header[i] for i in keep], [[r[i] for i in keep] for r in body])])
+    parts = [intro]
+    if payload.get("results"):
+        header, body = rows(payload["results"])
+        keep = [0, 2, 3, 6, 9]  # model, input, batch, train ratio, infer ratio
+        parts += ["", markdown_table([header[i] for i in keep], [[r[i] for i in keep] for r in body])]
+    if payload.get("comparators"):
+        comp = payload["comparators"]
+        parts += ["", f"Vim and V2M, training step at batch {comp['batch']} on {comp['input']} against "
+                  f"`{comp['baseline']}`:", "", markdown_table(*comparator_rows(comp)), "", *comparator_lines(comp)]
+    return "\n".join(parts)
 
 
 # Mega: the 2-D SSM in the moving-average slot, against Mega's EMA and against no slot.
@@ -440,11 +490,18 @@ def mega_readme_markdown(payload: dict) -> str:
 
 
 def update_docs(payload: dict) -> None:
-    update_docs_and_readme(
-        "models", markdown(payload) + mega_markdown(payload), readme_markdown(payload) + mega_readme_markdown(payload)
-    )
-    if "deploy" in payload:
-        update_section(ROOT / "docs" / "benchmarks.md", "models-deploy", deploy_markdown(payload))
+    """Each measured section into docs/benchmarks.md, and the README block."""
+    docs = ROOT / "docs" / "benchmarks.md"
+    if payload.get("results"):
+        update_section(docs, "models", markdown(payload))
+    if payload.get("comparators"):
+        update_section(docs, "models-comparators", comparator_markdown(payload))
+    if payload.get("mega"):
+        update_section(docs, "models-mega", mega_markdown(payload))
+    if payload.get("deploy"):
+        update_section(docs, "models-deploy", deploy_markdown(payload))
+    update_section(ROOT / "README.md", "models-results", readme_markdown(payload) + mega_readme_markdown(payload))
+    print("updated docs/benchmarks.md and README.md")
 
 
 DEPLOY_MODEL, DEPLOY_BATCHES = "vit_mini_28_ssm2d", (1, 64)
@@ -508,45 +565,47 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[TARGET_BATCH, 64], help="batch sizes")
     parser.add_argument("--reps", type=int, default=15, help="timed repetitions per model")
     parser.add_argument("--pairs", nargs="+", metavar="BASE:SSM", help="model pairs (default: the four of the issue)")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="what to measure: the +2-D SSM pairs (table, breakdown, floors), the compiled step, "
+                        "the comparators, Mega, deployment (default: all)")
     parser.add_argument("--json", type=Path, default=ROOT / "outputs" / "benchmarks" / "models.json")
     parser.add_argument("--update-docs", action="store_true", help="rewrite the generated sections of the docs")
     parser.add_argument("--render", type=Path, help="rewrite the docs from the JSON of an earlier run")
-    parser.add_argument("--skip-compile", action="store_true", help="leave out the compiled training step")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default: inductor)")
-    parser.add_argument("--only-comparators", action="store_true", help="print the comparator table only")
     args = parser.parse_args()
     if args.render:
         update_docs(json.loads(args.render.read_text()))
-        return
-    if args.only_comparators:
-        print(text_table(*rows(run(COMPARATOR_PAIRS, [COMPARATOR_BATCH], args.reps))))
         return
     pairs = [tuple(p.split(":", 1)) for p in args.pairs] if args.pairs else PAIRS
     for pair in pairs:
         if len(pair) != 2:
             parser.error(f"--pairs: expected BASE:SSM, got {':'.join(pair)!r}")
-    results = run(pairs, args.batches, args.reps)
-    parts = breakdown(pairs[0][1], args.batches[0], args.reps)
-    print("breakdown (ms):", {k: round(v, 2) if isinstance(v, float) else v for k, v in parts.items()})
-    floor_reps = 2 * args.reps  # inference only: twice the repetitions cost little
-    payload = {
-        **run_header("models"),
-        "reps": args.reps,
-        "results": results,
-        "breakdown": parts,
-        "floor_reps": floor_reps,
-        "floors": [inference_floor(base, ssm, TARGET_BATCH, floor_reps) for base, ssm in pairs],
-        "mega": [mega_measure(batch, args.reps) for batch in args.batches],
-        "deploy": deploy_benchmark(DEPLOY_MODEL, DEPLOY_BATCHES, floor_reps),
-        "comparators": run(COMPARATOR_PAIRS, [COMPARATOR_BATCH], args.reps),
-    }
-    print(text_table(*mega_rows(payload["mega"])))
-    print(text_table(*deploy_rows(payload["deploy"])))
-    if not args.skip_compile:
+    payload: dict = {**run_header("models"), "reps": args.reps, "results": []}
+    if "pairs" in args.sections:
+        results = run(pairs, args.batches, args.reps)
+        parts = breakdown(pairs[0][1], args.batches[0], args.reps)
+        print("breakdown (ms):", {k: round(v, 2) if isinstance(v, float) else v for k, v in parts.items()})
+        floor_reps = 2 * args.reps  # inference only: twice the repetitions cost little
+        payload.update(
+            results=results, breakdown=parts, floor_reps=floor_reps,
+            floors=[inference_floor(base, ssm, TARGET_BATCH, floor_reps) for base, ssm in pairs],
+        )  # fmt: skip
+    targets = target_lines(payload["results"])
+    if "compile" in args.sections:
         backend = args.compile_backend
         payload["compile"] = [measure_compiled(COMPILE_MODEL, b, args.reps, backend) for b in COMPILE_BATCHES]
         print(text_table(*compile_rows(payload["compile"])))
-    report(payload, rows(results), target_lines(results), args.json, update_docs if args.update_docs else None)
+    if "comparators" in args.sections:
+        payload["comparators"] = measure_comparators(COMPARATOR_BATCH, args.reps)
+        print(text_table(*comparator_rows(payload["comparators"])))
+        targets += comparator_lines(payload["comparators"])
+    if "mega" in args.sections:
+        payload["mega"] = [mega_measure(batch, args.reps) for batch in args.batches]
+        print(text_table(*mega_rows(payload["mega"])))
+    if "deploy" in args.sections:
+        payload["deploy"] = deploy_benchmark(DEPLOY_MODEL, DEPLOY_BATCHES, 2 * args.reps)
+        print(text_table(*deploy_rows(payload["deploy"])))
+    report(payload, rows(payload["results"]), targets, args.json, update_docs if args.update_docs else None)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,8 @@ def test_no_weight_decay_groups():
     groups = ssm2d.param_groups(model, weight_decay=0.1)
     no_decay = {id(p) for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in no_decay}
-    for name in ("cls_token", "pos_embed", "layers.0.mixer.A_log", "layers.2.mixer.A_b_log", "layers.1.mixer.D_b"):
+    for name in ("cls_token", "pos_embed", "layers.0.mixer.directions.0.A_log", "layers.2.mixer.directions.1.A_log",
+                 "layers.1.mixer.directions.1.D"):
         assert name in names, f"{name} gets weight decay"
     assert "layers.0.mixer.in_proj.weight" not in names and "patch_embed.proj.weight" not in names
 

@@ -74,3 +74,18 @@ def test_bad_inputs_raise_clear_errors():
             with pytest.raises(error) as info:
                 fn(*args)
             assert message in str(info.value), f"{fn.__name__}: {info.value}"
+
+
+def test_other_dtypes_take_the_conv1d_path():
+    """bfloat16 (not a fused-kernel dtype) runs one F.conv1d; it still matches the ref."""
+    x, weight, bias = (t.detach() for t in random_inputs(9, 4))
+    fast = causal_conv1d(x.bfloat16(), weight.bfloat16(), bias.bfloat16(), "silu")
+    assert fast.dtype == torch.bfloat16
+    assert_close(fast, causal_conv1d_ref(x.double(), weight.double(), bias.double(), "silu"), torch.bfloat16, "bf16")
+
+
+def test_double_backward_raises_a_clear_error():
+    x, weight, bias = random_inputs(6, 4)
+    (gx,) = torch.autograd.grad(causal_conv1d(x, weight, bias, "silu").square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"causal_conv1d \(fused CPU kernel\): double backward.*fast_path = False"):
+        gx.sum().backward()

@@ -9,6 +9,7 @@ from .sp_attention import SPAttention, SPAttentionOnTokens, SpatialPrior
 from .s4nd import S4ND
 from .ss2d import SS2D
 from .ssm2d import SSM2D
+from .mamba import MambaInner
 from .v2m import V2M
 from .vim import VimMixer, VimMixer2d
 
@@ -23,6 +24,7 @@ __all__ = [
     "S4ND",
     "SS2D",
     "SSM2D",
+    "MambaInner",
     "V2M",
     "VimMixer",
     "VimMixer2d",

@@ -40,25 +40,6 @@ __all__ = ["SS2D"]
 K = 4  # scan directions
 
 
-class _FirstOrderOnly(torch.autograd.Function):
-    """Identity whose backward refuses to build a graph: the fast path's selective scan has no
-    second derivative, and without this its backward would fail with an error about `out=`."""
-
-    @staticmethod
-    def forward(ctx, y: Tensor) -> Tensor:
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        if torch.is_grad_enabled():  # backward(create_graph=True): a double backward will follow
-            raise RuntimeError(
-                "SS2D: the fast path (ssm2d.ops.selective_scan) has no second derivative, so "
-                "create_graph=True / double backward is not supported; set layer.fast_path = False "
-                "to run the reference path, which has one"
-            )
-        return grad
-
-
 class _Direction(TaggedModule):
     """One scan direction's selective-SSM parameters: x_proj (E -> R + 2N), dt_proj (R -> E),
     A_log (E, N) and D (E,)."""
@@ -173,7 +154,7 @@ class SS2D(nn.Module):
             xs.flatten(1, 2), delta.flatten(1, 2), A, bs.contiguous(), cs.contiguous(),
             D=D, delta_bias=bias, delta_softplus=True,
         )  # fmt: skip
-        return _FirstOrderOnly.apply(y).view(b, K, e, -1)
+        return y.view(b, K, e, -1)
 
     def _scan_ref(self, u: Tensor) -> Tensor:
         """A loop over the directions, each its own `selective_scan_ref` call."""

@@ -5,7 +5,7 @@ R = dt_rank, S sequences (a batch of 1-D scans).
 
 The 2-D state recurrence is decomposed into two Mamba-1 selective scans (spec section 3.1): for
 each corner, pass 1 scans every row (along W) and pass 2 scans every column (along H) of the
-gated pass-1 output. Each pass is one Mamba "inner" op::
+gated pass-1 output. Each pass is one Mamba "inner" op (`MambaInner`, layers/mamba.py)::
 
     u~ = silu(causal_depthwise_conv1d_k4(u))              along the scan axis
     [dt, B, C] = x_proj(u~);  delta = softplus(dt_proj(dt))
@@ -24,15 +24,11 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from ..ops.causal_conv1d import causal_conv1d, causal_conv1d_ref
-from ..ops.selective_scan import selective_scan, selective_scan_ref
-from .checks import check_positive_ints
-from .mamba_init import init_dt_proj, s4d_real_a_log
-from .tagged import NO_WEIGHT_DECAY, TaggedModule
+from .checks import check_grid_input, check_positive_ints
+from .mamba import MambaInner
 
 __all__ = ["V2M"]
 
@@ -63,60 +59,6 @@ def _unorient(t: Tensor, orientation: Orientation) -> Tensor:
     return t.flip(flips) if flips else t
 
 
-class _ScanPass(TaggedModule):
-    """One Mamba inner op along the last axis: conv, SiLU, x_proj, selective scan, D skip, gate.
-
-    Args:
-        inner: channels E.
-        state_dim: N.
-        dt_rank: R, width of the low-rank step-size projection.
-        conv_size: kernel of the causal depthwise convolution.
-        learned: which of B and C come from the input ("B", "C" or "BC"); the other is held at 1.
-    """
-
-    def __init__(self, inner: int, state_dim: int, dt_rank: int, conv_size: int, learned: str) -> None:
-        super().__init__()
-        self.state_dim, self.dt_rank, self.learned = state_dim, dt_rank, learned
-        # Holds the depthwise taps (E, 1, W); applied by `causal_conv1d`, not called.
-        self.conv1d = nn.Conv1d(inner, inner, conv_size, groups=inner)
-        self.x_proj = nn.Linear(inner, dt_rank + len(learned) * state_dim, bias=False)
-        self.dt_proj = nn.Linear(dt_rank, inner, bias=True)
-        self.A_log = nn.Parameter(torch.empty(inner, state_dim))
-        self.D = nn.Parameter(torch.empty(inner))
-        self._tag_parameters()
-
-    def _tag_parameters(self) -> None:
-        for p in (self.A_log, self.D, self.dt_proj.bias):
-            p._optim = NO_WEIGHT_DECAY  # Mamba (spec 2.1): A, D and the dt bias skip weight decay
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Mamba defaults (spec 2.1): PyTorch's conv and x_proj init, dt from logU[1e-3, 0.1],
-        S4D-Real A = -(1..N), D = 1."""
-        self.conv1d.reset_parameters()
-        self.x_proj.reset_parameters()
-        init_dt_proj(self.dt_proj, self.dt_rank)
-        self.A_log.copy_(s4d_real_a_log(*self.A_log.shape))
-        self.D.fill_(1.0)
-
-    def forward(self, u: Tensor, z: Tensor, fast_path: bool) -> Tensor:
-        """u, z: (S, E, L) -> (S, E, L); `fast_path=False` runs the `_ref` ops."""
-        s, _, length = u.shape
-        conv, scan = (causal_conv1d, selective_scan) if fast_path else (causal_conv1d_ref, selective_scan_ref)
-        u = conv(u, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu")  # (S, E, L)
-        dbl = self.x_proj(rearrange(u, "s e l -> s l e"))  # (S, L, R + N) or (S, L, R + 2N)
-        dt, *bc = dbl.split([self.dt_rank] + [self.state_dim] * len(self.learned), dim=-1)
-        delta = rearrange(F.linear(dt, self.dt_proj.weight), "s l e -> s e l")  # bias added in the scan
-        ones = u.new_ones(()).expand(s, self.state_dim, length)  # the projection held at 1
-        learned = dict(zip(self.learned, (rearrange(t, "s l n -> s n l") for t in bc)))
-        b, c = learned.get("B", ones), learned.get("C", ones)  # (S, N, L) each
-        A = -torch.exp(self.A_log)  # (E, N)
-        return scan(u, delta, A, b, c, D=self.D, z=z, delta_bias=self.dt_proj.bias, delta_softplus=True)
-
-    def extra_repr(self) -> str:
-        return f"learned={self.learned!r}"
-
-
 class V2M(nn.Module):
     """V2M spatial mixer: four-corner 2-D selective SSM (Wang et al.; spec section 3.1).
 
@@ -142,7 +84,7 @@ class V2M(nn.Module):
             around the layer; required by `reset_to_identity`.
 
     Attributes:
-        fast_path: the chunked selective scan and `F.conv1d` when True (default); their `_ref`
+        fast_path: the fast selective scan and `causal_conv1d` when True (default); their `_ref`
             twins (sequential recurrence, tap-by-tap convolution) when False.
     """
 
@@ -165,8 +107,8 @@ class V2M(nn.Module):
         self.fast_path = True
         inner = expand * dim
         self.in_proj = nn.Linear(dim, 2 * inner, bias=False)
-        self.pass1 = _ScanPass(inner, state_dim, dt_rank, conv_size, "BC" if full_bc else "B")
-        self.pass2 = _ScanPass(inner, state_dim, dt_rank, conv_size, "BC" if full_bc else "C")
+        self.pass1 = MambaInner(inner, state_dim, dt_rank, conv_size, "BC" if full_bc else "B")
+        self.pass2 = MambaInner(inner, state_dim, dt_rank, conv_size, "BC" if full_bc else "C")
         self.out_proj = nn.Linear(inner, dim, bias=False)
         self.reset_parameters()
 
@@ -205,18 +147,19 @@ class V2M(nn.Module):
         branch k at a cell depends only on the cell's quadrant k. Official layout: the released
         branches fh, fv, bh, bv at the positions where the released code sums them.
         """
-        if x.ndim != 4 or x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected (B, H, W, {self.dim}), got {tuple(x.shape)}")
+        check_grid_input(x, self.dim)
         if self.official_layout and x.shape[1] != x.shape[2]:
             raise ValueError(f"x: official_layout=True expects a square grid, got H x W = {x.shape[1]} x {x.shape[2]}")
         orientations = self.orientations
+        if x.shape[0] == 0:
+            return x.new_zeros(len(orientations), *x.shape[:3], self.expand * self.dim)
         xz = self.in_proj(x)  # (B, H, W, 2E)
         xz = torch.cat([_orient(xz, o) for o in orientations])  # (4B, H', W', 2E), scan frame
         rows = xz.shape[1]
         u, z = rearrange(xz, "b h w e -> (b h) e w").chunk(2, dim=1)  # (4B H', E, W') each
         u = self.pass1(u, z, self.fast_path)  # along rows
         # Pass 2 scans the columns of the gated pass-1 output, gated by the same z.
-        u, z = rearrange(torch.cat([u, z], dim=1), "(b h) e w -> (b w) e h", h=rows).chunk(2, dim=1)
+        u, z = (rearrange(t, "(b h) e w -> (b w) e h", h=rows) for t in (u, z))  # (4B W', E, H') each
         y = self.pass2(u, z, self.fast_path)  # (4B W', E, H'), along columns
         y = rearrange(y, "(o b w) e h -> o b h w e", o=len(orientations), h=rows, w=xz.shape[2])
         y = [_unorient(branch, o) for branch, o in zip(y, orientations)]  # aligned with the input
@@ -225,7 +168,7 @@ class V2M(nn.Module):
         return torch.stack(y)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: (B, H, W, C) -> (B, H, W, C)."""
+        """x: (B, H, W, C) -> (B, H, W, C); batch 0 gives an empty output."""
         branches = self.orientation_outputs(x)  # (4, B, H, W, E)
         # Faithful: the average over corners (spec 3.1). Released code: (sum of 4) / 2.
         merged = branches.sum(0) / 2 if self.official_layout else branches.mean(0)

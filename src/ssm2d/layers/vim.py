@@ -14,7 +14,8 @@ The "v2" bidirectional Mamba mixer of the released code::
     out = out_proj((y_forward + y_backward) / 2)               out_proj shared
 
 The "/2" merge is the "div2" of the released models (spec 2.1): without it the activations
-double per layer. Parameter names are those of the released mixer, so its mixer weights load.
+double per layer. Each direction is a `MambaInner` (layers/mamba.py); checkpoints with the released
+mixer's parameter names load through a state-dict mapping (`RELEASED_NAMES`).
 """
 
 from __future__ import annotations
@@ -26,31 +27,28 @@ import torch.nn as nn
 from einops import rearrange
 from torch import Tensor
 
-from ..ops.causal_conv1d import causal_conv1d, causal_conv1d_ref
-from ..ops.selective_scan import selective_scan, selective_scan_ref
-from .checks import check_positive_ints
-from .mamba_init import init_dt_proj, s4d_real_a_log
-from .tagged import NO_WEIGHT_DECAY, TaggedModule
+from .checks import check_grid_input, check_positive_ints
+from .mamba import MambaInner, rename_state_dict_keys
 
 __all__ = ["VimMixer", "VimMixer2d"]
 
 
-# Direction -> its parameter names: (conv1d, x_proj, dt_proj, A_log, D), as in the released code.
-_DIRECTIONS = {
-    "forward": ("conv1d", "x_proj", "dt_proj", "A_log", "D"),
-    "backward": ("conv1d_b", "x_proj_b", "dt_proj_b", "A_b_log", "D_b"),
+# The released mixer's parameter names -> ours: each direction's conv1d, x_proj, dt_proj, A_log
+# and D live in `directions[0]` (forward) and `directions[1]` (backward).
+RELEASED_NAMES = {
+    **{name: f"directions.0.{name}" for name in ("conv1d", "x_proj", "dt_proj", "A_log", "D")},
+    **{f"{name}_b": f"directions.1.{name}" for name in ("conv1d", "x_proj", "dt_proj", "D")},
+    "A_b_log": "directions.1.A_log",
 }
 
 
-def _at_least_float32(t: Tensor) -> Tensor:
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-class VimMixer(TaggedModule):
+class VimMixer(nn.Module):
     """Vim's bidirectional Mamba mixer on a token sequence: (B, L, C) -> (B, L, C).
 
     It takes the sequence rather than a grid because Vim's class token sits inside the scanned
     sequence (spec 5.2, "in_sequence"); `VimMixer2d` is the (B, H, W, C) grid version.
+    Checkpoints with the released mixer's parameter names (conv1d_b, A_b_log, ...; see
+    `RELEASED_NAMES`) load into it.
 
     Args:
         dim: channels C.
@@ -60,7 +58,7 @@ class VimMixer(TaggedModule):
         conv_size: kernel of the causal depthwise convolutions.
 
     Attributes:
-        fast_path: the chunked selective scan and `F.conv1d` when True (default); their `_ref`
+        fast_path: the fast selective scan and `causal_conv1d` when True (default); their `_ref`
             twins (sequential recurrence, tap-by-tap convolution) when False.
     """
 
@@ -74,21 +72,11 @@ class VimMixer(TaggedModule):
         self.fast_path = True
         inner = expand * dim
         self.in_proj = nn.Linear(dim, 2 * inner, bias=False)
-        for conv, x_proj, dt_proj, a_log, d in _DIRECTIONS.values():
-            # Holds the depthwise taps (E, 1, W); applied by `causal_conv1d`, not called.
-            setattr(self, conv, nn.Conv1d(inner, inner, conv_size, groups=inner))
-            setattr(self, x_proj, nn.Linear(inner, dt_rank + 2 * state_dim, bias=False))
-            setattr(self, dt_proj, nn.Linear(dt_rank, inner))
-            setattr(self, a_log, nn.Parameter(torch.empty(inner, state_dim)))
-            setattr(self, d, nn.Parameter(torch.empty(inner)))
+        # forward scan, backward scan: each its own conv1d, x_proj, dt_proj, A_log and D
+        self.directions = nn.ModuleList(MambaInner(inner, state_dim, dt_rank, conv_size) for _ in range(2))
         self.out_proj = nn.Linear(inner, dim, bias=False)
-        self._tag_parameters()
+        self._register_load_state_dict_pre_hook(rename_state_dict_keys(RELEASED_NAMES))
         self.reset_parameters()
-
-    def _tag_parameters(self) -> None:
-        for _, _, dt_proj, a_log, d in _DIRECTIONS.values():
-            for p in (getattr(self, a_log), getattr(self, d), getattr(self, dt_proj).bias):
-                p._optim = NO_WEIGHT_DECAY  # Mamba (spec 2.1): A, D and the dt bias skip weight decay
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -97,33 +85,25 @@ class VimMixer(TaggedModule):
         1/sqrt(depth) (spec 2.1)."""
         self.in_proj.reset_parameters()
         self.out_proj.reset_parameters()
-        for conv, x_proj, dt_proj, a_log, d in _DIRECTIONS.values():
-            getattr(self, conv).reset_parameters()
-            getattr(self, x_proj).reset_parameters()
-            init_dt_proj(getattr(self, dt_proj), self.dt_rank)
-            getattr(self, a_log).copy_(s4d_real_a_log(self.expand * self.dim, self.state_dim))
-            getattr(self, d).fill_(1.0)
+        for direction in self.directions:
+            direction.reset_parameters()
 
-    def _scan(self, x: Tensor, z: Tensor, direction: str) -> Tensor:
-        """One direction's conv, projections and gated selective scan: (B, E, L) -> (B, E, L)."""
-        conv, x_proj, dt_proj, a_log, d = (getattr(self, n) for n in _DIRECTIONS[direction])
-        conv_fn, scan = (causal_conv1d, selective_scan) if self.fast_path else (causal_conv1d_ref, selective_scan_ref)
-        u = conv_fn(x, conv.weight[:, 0], conv.bias, activation="silu")  # (B, E, L)
-        dt, b, c = x_proj(rearrange(u, "b e l -> b l e")).split([self.dt_rank, self.state_dim, self.state_dim], -1)
-        delta = rearrange(dt @ dt_proj.weight.t(), "b l e -> b e l")  # (B, E, L); bias added in the scan
-        b, c = (rearrange(t, "b l n -> b n l") for t in (b, c))  # (B, N, L) each
-        A = -torch.exp(_at_least_float32(a_log))  # (E, N); A, D and the dt bias stay >= float32 (Mamba)
-        d, dt_bias = _at_least_float32(d), _at_least_float32(dt_proj.bias)
-        return scan(u, delta, A, b, c, D=d, z=z, delta_bias=dt_bias, delta_softplus=True)
+    def mix(self, x: Tensor) -> Tensor:
+        """The mixer on a non-empty token sequence: (B, L, C) -> (B, L, C)."""
+        u, z = rearrange(self.in_proj(x), "b l e -> b e l").chunk(2, dim=1)  # (B, E, L) each
+        forward, backward = self.directions
+        y_forward = forward(u, z, self.fast_path)
+        y_backward = backward(u.flip(-1), z.flip(-1), self.fast_path).flip(-1)  # along the reversed sequence
+        return self.out_proj(rearrange((y_forward + y_backward) / 2, "b e l -> b l e"))  # div2 merge
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: (B, L, C) -> (B, L, C)."""
-        if x.ndim != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected (B, L, {self.dim}), got {tuple(x.shape)}")
-        u, z = rearrange(self.in_proj(x), "b l e -> b e l").chunk(2, dim=1)  # (B, E, L) each
-        y_forward = self._scan(u, z, "forward")
-        y_backward = self._scan(u.flip(-1), z.flip(-1), "backward").flip(-1)  # along the reversed sequence
-        return self.out_proj(rearrange((y_forward + y_backward) / 2, "b e l -> b l e"))  # div2 merge
+        """x: (B, L, C) -> (B, L, C); batch 0 gives an empty output."""
+        if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim != 3 or x.shape[-1] != self.dim:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x: expected a floating-point (B, L, {self.dim}) tensor, got {got}")
+        if x.shape[1] == 0:
+            raise ValueError("x: expected a sequence of L >= 1 tokens, got L=0")
+        return self.mix(x) if x.shape[0] else x.new_zeros(x.shape)
 
     def extra_repr(self) -> str:
         return (
@@ -167,10 +147,9 @@ class VimMixer2d(VimMixer):
         self.out_proj.weight.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: (B, H, W, C) -> (B, H, W, C)."""
-        if x.ndim != 4 or x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected (B, H, W, {self.dim}), got {tuple(x.shape)}")
-        y = super().forward(x.flatten(1, 2)).unflatten(1, x.shape[1:3])  # row-major tokens
+        """x: (B, H, W, C) -> (B, H, W, C); batch 0 gives an empty output."""
+        check_grid_input(x, self.dim)
+        y = self.mix(x.flatten(1, 2)).unflatten(1, x.shape[1:3]) if x.shape[0] else x.new_zeros(x.shape)  # row-major
         return x + y if self.skip else y
 
     def extra_repr(self) -> str:

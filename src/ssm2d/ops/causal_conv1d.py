@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .fused_conv1d import fused_causal_conv1d
+
 __all__ = ["causal_conv1d", "causal_conv1d_ref"]
 
 _ACTIVATIONS = (None, "silu", "swish")
@@ -60,8 +62,16 @@ def causal_conv1d_ref(
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None) -> Tensor:
-    """`causal_conv1d_ref` as one grouped `F.conv1d` on the left-padded input (same arguments)."""
+    """`causal_conv1d_ref` computed fast (same arguments).
+
+    CPU tensors of one dtype, float32 or float64, run the fused numba kernel
+    (`ssm2d.ops.fused_conv1d`, whose backward is written out); other inputs one grouped
+    `F.conv1d` on the left-padded input.
+    """
     _check_inputs(x, weight, bias, activation)
+    fused_ok = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.shape[-1] > 0
+    if fused_ok and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype):
+        return fused_causal_conv1d(x.contiguous(), weight.contiguous(), bias, activation is not None)
     width = weight.shape[1]
     y = F.conv1d(F.pad(x, (width - 1, 0)), weight[:, None], bias, groups=x.shape[1])  # (B, D, L)
     return y if activation is None else F.silu(y)

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from .first_order import first_order_only
+
 __all__ = ["chunked_scan", "default_chunk_size"]
 
 # Block size: at least _BLOCK_ELEMENTS state entries (4 MB in float32: the three buffers fit
@@ -217,6 +219,7 @@ class _ChunkedScan(torch.autograd.Function):
         return _trim(y, length)
 
     @staticmethod
+    @first_order_only("selective_scan (chunked)")
     def backward(ctx, gy: Tensor):
         u, dt, A, B, C, h0 = ctx.saved_tensors
         chunk, length, n = ctx.chunk, u.shape[-1], A.shape[1]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .chunked_scan import chunked_scan, default_chunk_size
+from .fused_scan import fused_scan
 
 try:
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_selective_scan_fn
@@ -200,6 +201,18 @@ def _kernel_supports(u: Tensor, B: Tensor, C: Tensor) -> bool:
     return u.dtype in _KERNEL_DTYPES and _grouped(B).shape[1] == _grouped(C).shape[1]
 
 
+def _last_state(dt: Tensor, u: Tensor, A: Tensor, B: Tensor) -> Tensor:
+    """h_{L-1} = sum_t exp(A (S_{L-1} - S_t)) delta_t u_t B_t with S the cumulative sum of delta.
+
+    dt, u (B, D, L); A (D, N); B (B, G, N, L). Returns (B, D, N). For the torch path, which
+    keeps no state: it builds one (B, D, N, L) tensor. Only factors exp(<= 0) appear.
+    """
+    s = dt.cumsum(-1)  # (B, D, L)
+    decay = torch.exp((s[..., -1:] - s)[:, :, None] * A[..., None])  # (B, D, N, L)
+    Bd = B.repeat_interleave(u.shape[1] // B.shape[1], dim=1)  # (B, D, N, L)
+    return (decay * Bd * (dt * u)[:, :, None]).sum(-1)
+
+
 def selective_scan(
     u: Tensor,
     delta: Tensor,
@@ -210,37 +223,56 @@ def selective_scan(
     z: Tensor | None = None,
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
+    return_last_state: bool = False,
     *,
     chunk_size: int | None = None,
-) -> Tensor:
-    """`selective_scan_ref` computed by the chunked scan (or mamba-ssm's CUDA kernel).
+) -> Tensor | tuple[Tensor, Tensor]:
+    """`selective_scan_ref` computed by a fast path: fused on CPU, mamba-ssm's kernel or chunked on CUDA.
 
     Same arguments, shapes and result as `selective_scan_ref`, plus:
 
     Args:
-        chunk_size: steps per chunk T of the torch path (`ssm2d.ops.chunked_scan`); default
-            `default_chunk_size(L)`. Giving it selects the torch path on any device.
+        return_last_state: also return the last state h_{L-1}, (B, D, N), in the compute dtype
+            (as mamba-ssm's `selective_scan_fn`).
+        chunk_size: steps per chunk T of the chunked torch path (`ssm2d.ops.chunked_scan`);
+            default `default_chunk_size(L)`. Giving it selects the chunked path on any device.
 
-    On CUDA, mamba-ssm's `selective_scan_fn` is used when it imports and passes a smoke call
-    (checked once per device); otherwise the torch path runs, with one warning on CUDA. Inputs
-    the kernel does not take (float64; B and C with different group counts) use the torch
-    path without the check. The torch path computes in float32 (float64 for float64 inputs)
-    and returns the dtype of u. Memory: it saves the inputs and the states at chunk starts,
-    O(B D L N / T), where the sequential ref keeps O(B D L N) for its backward pass.
+    Paths. CPU tensors run the fused numba kernel (`ssm2d.ops.fused_scan`; float32, or float64
+    for float64 inputs): one pass over the inputs, states kept every `CHECKPOINT_STEPS` steps
+    and recomputed in the backward pass; its first call in a fresh environment compiles (see
+    the README), later ones load the on-disk cache. On CUDA, mamba-ssm's `selective_scan_fn`
+    is used when it imports and passes a smoke call (checked once per device); otherwise the
+    chunked torch scan runs, with one warning. Inputs the kernel does not take (float64; B and
+    C with different group counts) use the chunked scan without the check. The torch paths
+    compute in float32 (float64 for float64 inputs) and return the dtype of u. The chunked scan
+    saves the inputs and the states at chunk starts, O(B D L N / T), where the sequential ref
+    keeps O(B D L N) for its backward pass.
+
+    Returns:
+        out (B, D, L), or (out, last_state) when `return_last_state`.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
     kernel = _cuda_kernel(u.device) if chunk_size is None and _kernel_supports(u, B, C) else None
     if kernel is not None:
+        if return_last_state:
+            return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True)
         return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    length = u.shape[-1]
     dtype = torch.promote_types(torch.promote_types(u.dtype, A.dtype), torch.float32)
-    dt = _step_sizes(delta.to(dtype), None if delta_bias is None else delta_bias.to(dtype), delta_softplus)
-    uf = u.to(dtype)
-    chunk = min(length, chunk_size or default_chunk_size(length))
+    uf, Af = u.to(dtype), A.to(dtype)
+    Df, zf, bias = (None if t is None else t.to(dtype) for t in (D, z, delta_bias))
     Bg, Cg = _grouped(B).to(dtype), _grouped(C).to(dtype)
+    dt = _step_sizes(delta.to(dtype), bias, delta_softplus)
+    if u.device.type == "cpu" and chunk_size is None:
+        Bt, Ct = (t.transpose(-1, -2).contiguous() for t in (Bg, Cg))  # (B, G, L, N): a step's states adjacent
+        optional = (None if t is None else t.contiguous() for t in (Df, zf))
+        y, last = fused_scan(uf.contiguous(), dt.contiguous(), Af.contiguous(), Bt, Ct, *optional)
+        y = y.to(u.dtype)
+        return (y, last) if return_last_state else y
+    length = u.shape[-1]
+    chunk = min(length, chunk_size or default_chunk_size(length))
     groups = max(Bg.shape[1], Cg.shape[1])  # a single group is shared by all groups of the other
-    Bg, Cg = (t.expand(-1, groups, -1, -1) for t in (Bg, Cg))
-    y = chunked_scan(uf, dt, A.to(dtype), Bg, Cg, chunk)
-    return _finish(y, uf, None if D is None else D.to(dtype), None if z is None else z.to(dtype)).to(u.dtype)
+    y = chunked_scan(uf, dt, Af, *(t.expand(-1, groups, -1, -1) for t in (Bg, Cg)), chunk)
+    y = _finish(y, uf, Df, zf).to(u.dtype)
+    return (y, _last_state(dt, uf, Af, Bg)) if return_last_state else y

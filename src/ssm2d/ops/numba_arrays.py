@@ -1,0 +1,27 @@
+"""Handing torch CPU tensors to numba kernels: numpy views and the thread count."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["as_array", "use_torch_threads"]
+
+
+def as_array(t: Tensor | None, like: Tensor, ndim: int) -> np.ndarray:
+    """A C-contiguous numpy view of `t` (a copy if `t` is not contiguous), or an empty array
+    with `like`'s dtype and `ndim` dimensions when `t` is None (a kernel's absent argument:
+    one compiled signature serves both cases)."""
+    if t is None:
+        return np.empty((0,) * ndim, dtype=like.detach().numpy().dtype)
+    return t.detach().contiguous().numpy()
+
+
+def use_torch_threads() -> int:
+    """Make numba's parallel loops use `torch.get_num_threads()` threads (at most
+    NUMBA_NUM_THREADS); return that count."""
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(threads)
+    return threads
