@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ssm2d.train.study_report import update_generated_block
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -83,16 +85,9 @@ def write_json(path: Path, payload: dict) -> None:
 
 
 def update_section(path: Path, name: str, body: str) -> None:
-    """Replace the text between `<!-- BEGIN name -->` and `<!-- END name -->` (append if absent)."""
-    begin, end = f"<!-- BEGIN {name} (generated, do not edit) -->", f"<!-- END {name} -->"
-    block = f"{begin}\n{body.strip()}\n{end}"
-    text = path.read_text() if path.exists() else ""
-    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
-    path.write_text(text)
+    """Replace the text between `<!-- BEGIN name -->` and `<!-- END name -->` (the library's
+    generated-block writer, shared with `ssm2d study`)."""
+    update_generated_block(path, name, body)
 
 
 def update_docs_and_readme(section: str, docs_body: str, readme_body: str) -> None:

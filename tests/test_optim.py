@@ -1,4 +1,4 @@
-"""Parameter groups honouring the `_optim` tags of the SSM parameters (spec section 4)."""
+"""Parameter groups honouring the `_optim` tags of the SSM parameters (docs/math.md §4)."""
 
 from __future__ import annotations
 

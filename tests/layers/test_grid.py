@@ -1,4 +1,4 @@
-"""Token sequences <-> patch grids around a spatial layer (spec section 8)."""
+"""Token sequences <-> patch grids around a spatial layer (docs/math.md §7)."""
 
 from __future__ import annotations
 

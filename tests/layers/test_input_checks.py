@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ssm2d import S4ND, SSM2D, SPAttention
+from ssm2d import SS2D, S4ND, SSM2D, V2M, MegaEMA, MovingAverageGatedAttention, SPAttention, VimMixer2d
+from ssm2d.layers import DWConv2d
 
 DIM = 8
 LAYERS: dict[str, Callable[[int], nn.Module]] = {
@@ -22,6 +23,12 @@ LAYERS: dict[str, Callable[[int], nn.Module]] = {
     "ssm2d_complex": lambda dim: SSM2D(dim, state_dim=4, variant="complex"),
     "s4nd": lambda dim: S4ND(dim, state_dim=4),
     "sp_attention": lambda dim: SPAttention(dim, num_heads=2),
+    "vim": lambda dim: VimMixer2d(dim, state_dim=4),
+    "v2m": lambda dim: V2M(dim, state_dim=4),
+    "ss2d": lambda dim: SS2D(dim, state_dim=2),
+    "mega_ema": lambda dim: MegaEMA(dim),
+    "mega": lambda dim: MovingAverageGatedAttention(dim, slot="ssm2d"),
+    "dwconv": lambda dim: DWConv2d(dim),
 }
 
 
@@ -39,17 +46,10 @@ def test_non_floating_input_is_a_type_error_naming_the_dtype(layer, fast_path, d
         layer(x)
 
 
-# ops.sp_attention_ref stacks one row per batch element: an empty list for batch 0.
-_REF_ATTENTION_BATCH_ZERO = pytest.mark.xfail(
-    strict=True, raises=RuntimeError, reason="ops.sp_attention_ref: torch.stack of no rows for batch 0"
-)
-
-
 @pytest.mark.parametrize(
     ("name", "fast_path"),
     [
-        pytest.param(name, fast, id=f"{name}-{'fast' if fast else 'ref'}",
-                     marks=_REF_ATTENTION_BATCH_ZERO if (name, fast) == ("sp_attention", False) else ())
+        pytest.param(name, fast, id=f"{name}-{'fast' if fast else 'ref'}")
         for name in LAYERS
         for fast in (True, False)
     ],
@@ -64,24 +64,19 @@ def test_batch_zero_gives_an_empty_output(name, fast_path, dtype):
     assert layer(torch.randn(2, 3, 5, DIM, dtype=dtype)).shape == (2, 3, 5, DIM)
 
 
-# ops/fftconv.py sizes its channel blocks by the batch and divides by zero for batch 0: the
-# FFT convolution's forward, and the FFT correlation that gives every kernel gradient.
-_FFT_BATCH_ZERO = pytest.mark.xfail(
-    strict=True, raises=ZeroDivisionError, reason="ops.fftconv._channel_blocks divides by the batch size"
-)
-
-
 @pytest.mark.parametrize(
     ("name", "fast_path", "method"),
     [
-        pytest.param("ssm2d", True, "fft", marks=_FFT_BATCH_ZERO),
-        pytest.param("ssm2d", True, "direct", marks=_FFT_BATCH_ZERO),
+        ("ssm2d", True, "fft"),
+        ("ssm2d", True, "direct"),
         ("ssm2d", False, "auto"),
-        pytest.param("s4nd", True, "fft", marks=_FFT_BATCH_ZERO),
-        pytest.param("s4nd", True, "direct", marks=_FFT_BATCH_ZERO),
+        ("s4nd", True, "fft"),
+        ("s4nd", True, "direct"),
         ("s4nd", False, "auto"),
         ("sp_attention", True, None),
-        pytest.param("sp_attention", False, None, marks=_REF_ATTENTION_BATCH_ZERO),
+        ("sp_attention", False, None),
+        *[(name, fast, None) for name in ("vim", "v2m", "ss2d", "mega_ema", "mega") for fast in (True, False)],
+        ("dwconv", True, None),
     ],
 )
 def test_batch_zero_backward(name, fast_path, method):

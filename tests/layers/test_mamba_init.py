@@ -1,4 +1,4 @@
-"""Mamba initialisation helpers shared by Vim and V2M (spec section 2.1)."""
+"""Mamba initialisation helpers shared by Vim and V2M (docs/math.md §9)."""
 
 from __future__ import annotations
 

@@ -117,7 +117,7 @@ def randomize(module: nn.Module, skip_prefix: str = "moving_average.") -> None:
 
 
 def oracle(block: MovingAverageGatedAttention, x: torch.Tensor) -> torch.Tensor:
-    """Mega's gated attention written out from the block's parameters (docs/math.md, Mega).
+    """Mega's gated attention written out from the block's parameters (docs/math.md §12).
 
     The slot's output comes from the slot layer's reference path (tested on its own); the rest
     is computed here token by token.

@@ -1,5 +1,5 @@
 """Wrappers that run a spatial layer after another module: GridSize, SpatialAfter,
-SpatialOnTokens and their checkpoint-key pre-hook (spec section 8)."""
+SpatialOnTokens and their checkpoint-key pre-hook (docs/math.md §7)."""
 
 from __future__ import annotations
 

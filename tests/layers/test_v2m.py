@@ -1,4 +1,4 @@
-"""The V2M layer (spec section 3.1): output against a loop oracle, fast vs ref path, receptive
+"""The V2M layer (docs/math.md §10): output against a loop oracle, fast vs ref path, receptive
 fields of the four corners, the released layout against the appendix trace, init, errors."""
 
 from __future__ import annotations
@@ -230,7 +230,7 @@ def test_corner_ignores_cells_outside_the_grid(corner):
 
 
 # ---------------------------------------------------------------------------------------------
-# The released layout against the index trace of the spec's appendix
+# The released layout against the V2M index trace of docs/math.md §10
 
 
 def appendix_trace(p: int) -> list[np.ndarray]:
@@ -257,7 +257,7 @@ def appendix_trace(p: int) -> list[np.ndarray]:
 
 
 def test_appendix_trace_reproduces_the_spec_findings():
-    """The replica gives the spec's examples at P = 4 (appendix, 'Result')."""
+    """The replica gives the examples of docs/math.md §10 at P = 4."""
     fh, _, bh, bv = appendix_trace(4)
     tokens = lambda row: {divmod(int(t), 4) for t in np.nonzero(row)[0]}  # noqa: E731
     assert tokens(fh[1]) == {(0, 0), (1, 0)}  # index (0, 1): top-left quadrant of token (1, 0)
@@ -278,8 +278,8 @@ def test_official_layout_matches_appendix_trace(p):
 
 def test_official_layout_output_misses_cells():
     """What the faithful layout fixes: the released merge sums branches at misaligned cells, so
-    its output at the bottom-left cell (P-1, 0) sees only row 0 and columns 0 and P-1 (spec
-    3.1: fh, fv give the top-left quadrant of (0, P-1), bh the top-right of (P-1, P-1), bv the
+    its output at the bottom-left cell (P-1, 0) sees only row 0 and columns 0 and P-1 (docs/math.md
+    §10: fh, fv give the top-left quadrant of (0, P-1), bh the top-right of (P-1, P-1), bv the
     bottom-left of (0, 0)). Every faithful output sees the whole grid."""
     p = 5
     official, faithful = make_layer(official_layout=True), make_layer()
@@ -401,7 +401,7 @@ def test_batch_zero_gives_an_empty_output(official_layout):
 
 
 # ---------------------------------------------------------------------------------------------
-# Written-out oracle of the two passes (spec 3.1), independent of the layer's scan modules
+# Written-out oracle of the two passes (docs/math.md §10), independent of the layer's scan modules
 
 
 def naive_pass(p, u: torch.Tensor, z: torch.Tensor, learned: str) -> torch.Tensor:
@@ -437,7 +437,7 @@ def naive_pass(p, u: torch.Tensor, z: torch.Tensor, learned: str) -> torch.Tenso
 
 
 def naive_v2m(layer: V2M, x: torch.Tensor) -> torch.Tensor:
-    """Faithful V2M (spec 3.1): per corner, pass 1 (learned B, C = 1) along each row, pass 2
+    """Faithful V2M (docs/math.md §10): per corner, pass 1 (learned B, C = 1) along each row, pass 2
     (B = 1, learned C) along each column of its gated output, un-flip; average; out_proj."""
     xz = x @ layer.in_proj.weight.t()  # (B, H, W, 2E)
     corners = []

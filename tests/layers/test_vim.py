@@ -1,4 +1,4 @@
-"""Vim's bidirectional mixer (spec section 2.1): fast vs ref path, both directions live and wired
+"""Vim's bidirectional mixer (docs/math.md §9): fast vs ref path, both directions live and wired
 the right way round, the div2 merge, the grid adapter in a timm ViT, init, errors."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def randomize(mixer: VimMixer) -> VimMixer:
 
 
 def oracle(mixer: VimMixer, x: torch.Tensor) -> torch.Tensor:
-    """The mixer written out from spec 2.1 with the reference ops, each direction by hand."""
+    """The mixer written out from docs/math.md §9 with the reference ops, each direction by hand."""
     xz = x @ mixer.in_proj.weight.t()  # (B, L, 2E)
     u, z = xz.mT.chunk(2, dim=1)
     outs = []

@@ -100,7 +100,7 @@ def dead_parameters(model: nn.Module) -> set[str]:
     gradient is exactly zero (checked below, and `test_mix_ffn_last_block_live_with_avg_pool`
     shows the same layer is live once the patch tokens are pooled). Nothing else is exempt.
     """
-    # SP-SA's prior starts with w2 = 0 (spec section 4.1), so its first layer gets exactly zero gradient.
+    # SP-SA's prior starts with w2 = 0 (docs/math.md §11), so its first layer gets exactly zero gradient.
     dead = {
         f"{name}.fc1.{p}"
         for name, m in model.named_modules()

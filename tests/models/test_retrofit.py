@@ -1,4 +1,4 @@
-"""Inserting spatial layers into timm's ViT, Swin and ConvNeXt (spec section 8): identity init,
+"""Inserting spatial layers into timm's ViT, Swin and ConvNeXt (docs/math.md §7): identity init,
 data flow of every placement, checkpoints, copies, resolutions and errors."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SP-ViT specifics (spec section 4.1): which blocks use SP-SA, the class token's split, priors per
+"""SP-ViT specifics (docs/math.md §11): which blocks use SP-SA, the class token's split, priors per
 grid, and gradients once the prior has left its initialization. The generic checks of every
 registered model are in test_models.py."""
 

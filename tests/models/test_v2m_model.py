@@ -1,4 +1,4 @@
-"""The V2M classifier (spec sections 3.1, 3.2): features, head, position embedding at other
+"""The V2M classifier (docs/math.md §10; the V2M paper's results table): features, head, position embedding at other
 sizes, initialization, weight-decay groups, V2M-T size, errors. Registry-wide checks live in
 test_models.py."""
 
@@ -37,7 +37,7 @@ def test_architecture_follows_the_spec():
     mixer = model.blocks[0].mixer
     assert isinstance(mixer, V2M) and (mixer.dim, mixer.state_dim, mixer.expand) == (32, 4, 1)
     assert isinstance(model.blocks[0].norm, torch.nn.RMSNorm) and isinstance(model.norm, torch.nn.RMSNorm)
-    assert model.pos_embed.shape == (1, 49, 32)  # no class token (spec 3.1)
+    assert model.pos_embed.shape == (1, 49, 32)  # no class token (docs/math.md §10)
     rates = [b.drop_path.drop_prob for b in mini(drop_path_rate=0.3).blocks[1:]]
     assert rates == pytest.approx([0.1, 0.2, 0.3])
 

@@ -1,4 +1,4 @@
-"""The Vim model (spec section 2.1): middle class token, position embedding at other grids,
+"""The Vim model (docs/math.md §9): middle class token, position embedding at other grids,
 drop-path schedule, float32 residual, init, optimizer groups, fast vs ref path, registry."""
 
 from __future__ import annotations

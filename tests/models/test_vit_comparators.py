@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ssm2d
-from ssm2d.layers import S4ND, SS2D, V2M, DWConv2d, SPAttention, SpatialOnTokens, VimMixer2d
+from ssm2d.layers import S4ND, SS2D, SSM2D, V2M, DWConv2d, SPAttention, SpatialOnTokens, VimMixer2d
 from ssm2d.models import spatial_layers
 
 LAYERS = {"_s4nd": S4ND, "_v2m": V2M, "_spsa": SPAttention, "_vim": VimMixer2d, "_dwconv": DWConv2d, "_ss2d": SS2D}

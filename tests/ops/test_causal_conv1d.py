@@ -1,4 +1,4 @@
-"""causal_conv1d (one F.conv1d) against causal_conv1d_ref (tap by tap) and nn.Conv1d: spec 2.1, 5.3."""
+"""causal_conv1d (one F.conv1d) against causal_conv1d_ref (tap by tap) and nn.Conv1d: docs/math.md §9."""
 
 from __future__ import annotations
 

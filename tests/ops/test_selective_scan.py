@@ -1,5 +1,5 @@
 """selective_scan (chunked) against selective_scan_ref (sequential) and against mambapy's
-selective scans as an independent oracle: related-systems spec sections 2.1 and 5.3."""
+selective scans as an independent oracle: docs/math.md §9."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Mega's multi-dimensional damped EMA (Ma et al., ICLR 2023) as a spatial layer on the
-row-major patch sequence (docs/math.md, Mega).
+row-major patch sequence (docs/math.md §12).
 
 Glossary: B batch, H x W grid, L = H * W, C = dim channels, h = ndim expansion, D directions.
 """
@@ -23,7 +23,7 @@ class MegaEMA(TaggedModule):
     Each channel has, per direction, an h-dimensional expansion beta, damping alpha and decay
     delta (alpha = sigmoid(alpha_raw), delta = sigmoid(delta_raw)) and an output projection
     eta / sqrt(h): the kernel k_t = sum_j eta_j alpha_j beta_j (1 - alpha_j delta_j)^t / sqrt(h)
-    (docs/math.md, Mega). The bidirectional layer, Mega's variant for images, has two independent sets
+    (docs/math.md §12). The bidirectional layer, Mega's variant for images, has two independent sets
     of these four parameters, one for the forward and one for the backward pass over the
     sequence (Mega stores them as one set for 2C channels; keeping a leading direction axis is
     the same thing), and one omega. Input and output are (B, H, W, C), any H x W.

@@ -1,5 +1,5 @@
 """Mega's moving-average gated attention and normalized feed-forward network (Ma et al., ICLR
-2023; docs/math.md, Mega), on (B, H, W, C) grids, with a pluggable moving average.
+2023; docs/math.md §12), on (B, H, W, C) grids, with a pluggable moving average.
 
 Glossary: B batch, H x W grid, L = H * W tokens, C = dim, E = hidden_dim (value width),
 z = zdim (shared query/key representation), h = ndim.
@@ -31,7 +31,7 @@ from .ssm2d import SSM2D
 __all__ = ["SLOTS", "MovingAverageGatedAttention", "NormalizedFFN", "laplace", "relative_position_bias"]
 
 SLOTS = ("ema", "ssm2d", "s4nd", "none")
-# Mega's laplace attention function: mu = sqrt(1/2), sigma = sqrt(1/(4 pi)) (docs/math.md, Mega)
+# Mega's laplace attention function: mu = sqrt(1/2), sigma = sqrt(1/(4 pi)) (docs/math.md §12)
 _LAPLACE_MU = math.sqrt(0.5)
 _LAPLACE_SIGMA = math.sqrt(1.0 / (4 * math.pi))
 
@@ -94,7 +94,7 @@ def _make_slot(slot: str, dim: int, ndim: int, init: str) -> nn.Module:
 class MovingAverageGatedAttention(nn.Module):
     """Mega's gated attention block (pre-norm), with its moving average in a pluggable slot.
 
-    With xn = LayerNorm(x), x' = slot(xn) and m = SiLU(x') (docs/math.md, Mega)::
+    With xn = LayerNorm(x), x' = slot(xn) and m = SiLU(x') (docs/math.md §12)::
 
         v = SiLU(W_v xn + b_v)                                   (B, L, E)
         u, z, r, hx = split(W_m m + b_m)                         C, z, E, C
@@ -219,7 +219,7 @@ class MovingAverageGatedAttention(nn.Module):
 
 
 class NormalizedFFN(nn.Module):
-    """Mega's normalized feed-forward network: x + FC2(SiLU(FC1(LayerNorm(x)))) (docs/math.md, Mega).
+    """Mega's normalized feed-forward network: x + FC2(SiLU(FC1(LayerNorm(x)))) (docs/math.md §12).
 
     Args:
         dim: C.

@@ -3,7 +3,7 @@
 Glossary: B batch, H x W grid, L = H * W, C = dim channels, E = expand * C inner channels,
 N state size, R = dt_rank, K = 4 scan directions.
 
-The layer (docs/math.md, SS2D)::
+The layer (docs/math.md §13)::
 
     x, z = split(in_proj(h))                                   (B, H, W, E) each
     u = silu(depthwise_conv3x3(x))                             (B, E, H, W)
@@ -154,7 +154,7 @@ class SS2D(nn.Module):
             xs.flatten(1, 2), delta.flatten(1, 2), A, bs.contiguous(), cs.contiguous(),
             D=D, delta_bias=bias, delta_softplus=True,
         )  # fmt: skip
-        return y.view(b, K, e, -1)
+        return y.view(b, K, e, xs.shape[-1])
 
     def _scan_ref(self, u: Tensor) -> Tensor:
         """A loop over the directions, each its own `selective_scan_ref` call."""
@@ -173,8 +173,6 @@ class SS2D(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, H, W, C) -> (B, H, W, C)."""
         check_grid_input(x, self.dim)
-        if x.shape[0] == 0:  # nothing to scan (selective_scan takes no empty batch)
-            return x.clone() if self.skip else torch.zeros_like(x)
         grid = tuple(x.shape[1:3])
         u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, H, W, E) each
         u = F.silu(self.conv2d(rearrange(u, "b h w e -> b e h w")))  # (B, E, H, W)

@@ -3,7 +3,7 @@
 Glossary: B batch, H x W grid, C = dim channels, E = expand * C inner channels, N state size,
 R = dt_rank, S sequences (a batch of 1-D scans).
 
-The 2-D state recurrence is decomposed into two Mamba-1 selective scans (spec section 3.1): for
+The 2-D state recurrence is decomposed into two Mamba-1 selective scans (docs/math.md §10): for
 each corner, pass 1 scans every row (along W) and pass 2 scans every column (along H) of the
 gated pass-1 output. Each pass is one Mamba "inner" op (`MambaInner`, layers/mamba.py)::
 
@@ -11,7 +11,7 @@ gated pass-1 output. Each pass is one Mamba "inner" op (`MambaInner`, layers/mam
     [dt, B, C] = x_proj(u~);  delta = softplus(dt_proj(dt))
     y = (selective_scan(u~, delta, A, B, C) + D u~) * silu(z)
 
-With the released choice (spec 3.1) pass 1 learns B and holds C at 1 (the state is summed), and
+With the released choice (docs/math.md §10) pass 1 learns B and holds C at 1 (the state is summed), and
 pass 2 holds B at 1 and learns C. The four corners (top-left, top-right, bottom-left,
 bottom-right) are the same op on the grid flipped along nothing, W, H or both; their outputs are
 flipped back and averaged before out_proj, so the output at a cell depends on all four of its
@@ -35,9 +35,9 @@ __all__ = ["V2M"]
 
 # An orientation: (grid dims to flip, transpose the grid first). Dims of a (B, H, W, E) grid.
 Orientation = tuple[tuple[int, ...], bool]
-# Faithful (spec 3.1): the four corners TL, TR, BL, BR, each rows (W) first, then columns (H).
+# Faithful (docs/math.md §10): the four corners TL, TR, BL, BR, each rows (W) first, then columns (H).
 CORNERS: tuple[Orientation, ...] = (((), False), ((2,), False), ((1,), False), ((1, 2), False))
-# Released code (spec 3.1, appendix): fh = TL rows first, fv = TL columns first, bh = TR rows
+# Released code (docs/math.md §10, the released layout): fh = TL rows first, fv = TL columns first, bh = TR rows
 # first, bv = BL columns first; no bottom-right corner.
 RELEASED: tuple[Orientation, ...] = (((), False), ((), True), ((2,), False), ((1,), True))
 # Where the released code sums each branch (appendix trace): the aligned map flipped along these
@@ -60,7 +60,7 @@ def _unorient(t: Tensor, orientation: Orientation) -> Tensor:
 
 
 class V2M(nn.Module):
-    """V2M spatial mixer: four-corner 2-D selective SSM (Wang et al.; spec section 3.1).
+    """V2M spatial mixer: four-corner 2-D selective SSM (Wang et al.; docs/math.md §10).
 
     Input and output are (B, H, W, C), any H x W. in_proj (no bias) gives the signal x and the
     gate z, each E = expand * C wide; for every corner the grid is flipped, scanned along rows
@@ -74,11 +74,11 @@ class V2M(nn.Module):
         expand: E = expand * dim.
         dt_rank: rank of the step-size projection; None gives ceil(dim / 16) (Mamba).
         conv_size: kernel of the causal depthwise convolutions along the scan axis.
-        full_bc: False (default, released code, spec 3.1 and 5.4): pass 1 learns B and holds C
+        full_bc: False (default, released code, docs/math.md §10): pass 1 learns B and holds C
             at 1, pass 2 holds B at 1 and learns C (x_proj: E -> R + N). True: both passes
             learn B and C (x_proj: E -> R + 2N), a full selective SSM per pass.
         official_layout: reproduce the released code's layout instead (square grids only,
-            spec 3.1 "Index-tracing finding"): branches TL rows-first, TL columns-first, TR and
+            docs/math.md §10, the released layout): branches TL rows-first, TL columns-first, TR and
             BL, no bottom-right corner, summed at transposed or rotated positions and halved.
         skip: add the input to the output (y = x + V2M(x)), for placements without a residual
             around the layer; required by `reset_to_identity`.
@@ -114,7 +114,7 @@ class V2M(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Mamba defaults (spec 2.1): PyTorch's Linear init for in_proj and out_proj (a model
+        """Mamba defaults (docs/math.md §9): PyTorch's Linear init for in_proj and out_proj (a model
         rescales out_proj by 1/sqrt(depth)), and each pass's own reset."""
         self.in_proj.reset_parameters()
         self.pass1.reset_parameters()
@@ -151,8 +151,6 @@ class V2M(nn.Module):
         if self.official_layout and x.shape[1] != x.shape[2]:
             raise ValueError(f"x: official_layout=True expects a square grid, got H x W = {x.shape[1]} x {x.shape[2]}")
         orientations = self.orientations
-        if x.shape[0] == 0:
-            return x.new_zeros(len(orientations), *x.shape[:3], self.expand * self.dim)
         xz = self.in_proj(x)  # (B, H, W, 2E)
         xz = torch.cat([_orient(xz, o) for o in orientations])  # (4B, H', W', 2E), scan frame
         rows = xz.shape[1]
@@ -170,7 +168,7 @@ class V2M(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, H, W, C) -> (B, H, W, C); batch 0 gives an empty output."""
         branches = self.orientation_outputs(x)  # (4, B, H, W, E)
-        # Faithful: the average over corners (spec 3.1). Released code: (sum of 4) / 2.
+        # Faithful: the average over corners (docs/math.md §10). Released code: (sum of 4) / 2.
         merged = branches.sum(0) / 2 if self.official_layout else branches.mean(0)
         y = self.out_proj(merged)
         return x + y if self.skip else y

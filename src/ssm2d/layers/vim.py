@@ -1,4 +1,4 @@
-"""Vision Mamba's bidirectional mixer (Zhu et al., ICML 2024, arXiv 2401.09417; spec 2.1).
+"""Vision Mamba's bidirectional mixer (Zhu et al., ICML 2024, arXiv 2401.09417; docs/math.md §9).
 
 Glossary: B batch, L tokens, C = dim channels, E = expand * C inner channels, N state size,
 R = dt_rank, H x W grid.
@@ -13,7 +13,7 @@ The "v2" bidirectional Mamba mixer of the released code::
         y = (selective_scan(u, delta, A, B, C) + D u) * silu(z)
     out = out_proj((y_forward + y_backward) / 2)               out_proj shared
 
-The "/2" merge is the "div2" of the released models (spec 2.1): without it the activations
+The "/2" merge is the "div2" of the released models (docs/math.md §9): without it the activations
 double per layer. Each direction is a `MambaInner` (layers/mamba.py); checkpoints with the released
 mixer's parameter names load through a state-dict mapping (`RELEASED_NAMES`).
 """
@@ -46,7 +46,7 @@ class VimMixer(nn.Module):
     """Vim's bidirectional Mamba mixer on a token sequence: (B, L, C) -> (B, L, C).
 
     It takes the sequence rather than a grid because Vim's class token sits inside the scanned
-    sequence (spec 5.2, "in_sequence"); `VimMixer2d` is the (B, H, W, C) grid version.
+    sequence (docs/math.md §7, "in_sequence"); `VimMixer2d` is the (B, H, W, C) grid version.
     Checkpoints with the released mixer's parameter names (conv1d_b, A_b_log, ...; see
     `RELEASED_NAMES`) load into it.
 
@@ -80,16 +80,16 @@ class VimMixer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Mamba defaults (spec 2.1): PyTorch's Linear and conv init, dt from logU[1e-3, 0.1],
+        """Mamba defaults (docs/math.md §9): PyTorch's Linear and conv init, dt from logU[1e-3, 0.1],
         S4D-Real A = -(1..N) and D = 1 in both directions. A model rescales out_proj by
-        1/sqrt(depth) (spec 2.1)."""
+        1/sqrt(depth) (docs/math.md §9)."""
         self.in_proj.reset_parameters()
         self.out_proj.reset_parameters()
         for direction in self.directions:
             direction.reset_parameters()
 
     def mix(self, x: Tensor) -> Tensor:
-        """The mixer on a non-empty token sequence: (B, L, C) -> (B, L, C)."""
+        """The mixer on a token sequence: (B, L, C) -> (B, L, C), L >= 1."""
         u, z = rearrange(self.in_proj(x), "b l e -> b e l").chunk(2, dim=1)  # (B, E, L) each
         forward, backward = self.directions
         y_forward = forward(u, z, self.fast_path)
@@ -103,7 +103,7 @@ class VimMixer(nn.Module):
             raise ValueError(f"x: expected a floating-point (B, L, {self.dim}) tensor, got {got}")
         if x.shape[1] == 0:
             raise ValueError("x: expected a sequence of L >= 1 tokens, got L=0")
-        return self.mix(x) if x.shape[0] else x.new_zeros(x.shape)
+        return self.mix(x)
 
     def extra_repr(self) -> str:
         return (
@@ -116,7 +116,7 @@ class VimMixer2d(VimMixer):
     """`VimMixer` on a grid: (B, H, W, C) -> (B, H, W, C), scanning the row-major flattening.
 
     The spatial-layer form, e.g. for `ssm2d.add_spatial_layers(vit, layer=VimMixer2d)`: the
-    "1-D scan + position embedding" baseline of spec 2.1 in any backbone.
+    "1-D scan + position embedding" baseline of docs/math.md §9 in any backbone.
 
     Args:
         dim, state_dim, expand, dt_rank, conv_size: as `VimMixer`.
@@ -149,7 +149,7 @@ class VimMixer2d(VimMixer):
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, H, W, C) -> (B, H, W, C); batch 0 gives an empty output."""
         check_grid_input(x, self.dim)
-        y = self.mix(x.flatten(1, 2)).unflatten(1, x.shape[1:3]) if x.shape[0] else x.new_zeros(x.shape)  # row-major
+        y = self.mix(x.flatten(1, 2)).unflatten(1, x.shape[1:3])  # row-major
         return x + y if self.skip else y
 
     def extra_repr(self) -> str:

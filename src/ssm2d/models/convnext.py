@@ -1,10 +1,10 @@
-"""ConvNeXt with the 2-D SSM in place of the depthwise convolution (spec section 8).
+"""ConvNeXt with the 2-D SSM in place of the depthwise convolution (docs/math.md §7).
 
 `_ssm2d` replaces every block's 7 x 7 depthwise convolution by a 2-D SSM whose directional
 kernels are truncated to 4 x 4 cells each, so that the folded kernel spans the same 7 x 7 as
 the convolution it replaces (pass `kernel_size` to `SSM2D` for another truncation);
 `_ssm2d_complex` uses the complex variant. `_s4nd` puts S4ND there instead (related-systems
-spec section 1.1, ConvNeXt-S4ND: linear, one kernel per channel), truncated the same way to 4
+docs/math.md §8, ConvNeXt-S4ND: linear, one kernel per channel), truncated the same way to 4
 taps per axis and direction (a 7 x 7 separable kernel); the paper's ConvNeXt-S4ND is global
 (`S4ND(kernel_size=None)`).
 

@@ -1,5 +1,5 @@
 """Mega for images (Ma et al., ICLR 2023), the 2-D SSM paper's main backbone, with its moving
-average in a pluggable slot (docs/math.md, Mega).
+average in a pluggable slot (docs/math.md §12).
 
 Conv patch embedding, a learned absolute position embedding (resampled for other grids, as
 timm does), no class token; blocks of `MovingAverageGatedAttention` then `NormalizedFFN` on the

@@ -1,4 +1,4 @@
-"""Insert spatial layers into timm's ViT/DeiT, Swin and ConvNeXt, in place (spec section 8).
+"""Insert spatial layers into timm's ViT/DeiT, Swin and ConvNeXt, in place (docs/math.md §7).
 
 The backbones stay timm's own classes: a placement wraps one submodule of every block (the
 pre-attention norm, the MLP's first linear, or the depthwise convolution) so that its output
@@ -24,7 +24,7 @@ __all__ = ["PLACEMENTS", "add_spatial_layers", "spatial_layers"]
 
 SpatialLayer = Callable[[int], nn.Module]
 
-# Family -> valid placements, the paper's default first (spec section 8).
+# Family -> valid placements, the paper's default first (docs/math.md §7).
 PLACEMENTS: dict[str, tuple[str, ...]] = {
     "vit": ("pre-attention", "mix-ffn"),
     "swin": ("pre-attention",),

@@ -1,19 +1,19 @@
 """SP-ViT (Zhou et al., BMVC 2022): a ViT whose first blocks use SP-SA, on timm's `VisionTransformer`.
 
-The spec's split (section 4.1, "ConViT-style split"): the first K blocks attend over the patch
+SP-ViT's split (docs/math.md §11, "ConViT-style split"): the first K blocks attend over the patch
 tokens with SP-SA, the class token joins after them, and the remaining blocks use plain
 attention. Here the class token is in the sequence from the start, as timm builds it, but the
 SP-SA blocks exclude it (`SPAttentionOnTokens`: patches never see it, its attention output is
 zero), so until block K it stays independent of the image, as a token that joins there would.
-The position embedding covers the patches only (`no_embed_class`, spec section 4.1), and
-qk, v carry no bias in any block (spec section 4.1).
+The position embedding covers the patches only (`no_embed_class`, docs/math.md §11), and
+qk, v carry no bias in any block (docs/math.md §11).
 
-SP-SA is compared as a mixer inside timm's plain pre-norm block (spec section 5.4): LV-ViT's
+SP-SA is compared as a mixer inside timm's plain pre-norm block (docs/math.md §11): LV-ViT's
 conv stem, the PosCNN after every block, the skip_lam residual scaling and the token-labeling
 head are not part of these models.
 
 - `spvit_small_224`: SP-ViT-S: patch 16 (LV-ViT's stem also gives a 14 x 14 grid at 224),
-  dim 384, depth 16, 6 heads, MLP ratio 3, SP-SA in the first 14 blocks (spec section 4.1).
+  dim 384, depth 16, 6 heads, MLP ratio 3, SP-SA in the first 14 blocks (docs/math.md §11).
 - `spvit_mini_28` (Fashion-MNIST) and `spvit_mini_32` (CIFAR-100): the size of `vit_mini_28`
   (patch 4, dim 64, depth 4, 4 heads, MLP ratio 2), SP-SA in the first 3 blocks: like S, all
   but the last blocks.

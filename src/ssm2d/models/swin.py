@@ -1,4 +1,4 @@
-"""Swin with the 2-D SSM (spec section 8), on timm's `SwinTransformer`.
+"""Swin with the 2-D SSM (docs/math.md §7), on timm's `SwinTransformer`.
 
 `_ssm2d` runs the layer on the whole stage map after each block's norm1, before the cyclic
 shift and window partition. All take any input size (`dynamic_img_size`).

@@ -1,13 +1,13 @@
-"""V2M: Visual 2-Dimensional Mamba (Wang et al., arXiv 2410.10382; spec sections 3.1, 3.2).
+"""V2M: Visual 2-Dimensional Mamba (Wang et al., arXiv 2410.10382; docs/math.md §10; the V2M paper's results table).
 
 A Vim-style stack of mixer-only pre-norm residual blocks (Add -> RMSNorm -> V2M mixer, no MLP;
-spec 5.2) on the patch grid: no class token, a learned absolute position embedding, final
-RMSNorm, mean pooling, linear head (spec 3.1, "Class token"). The whole network stays in the
+docs/math.md §9) on the patch grid: no class token, a learned absolute position embedding, final
+RMSNorm, mean pooling, linear head (docs/math.md §10, "Class token"). The whole network stays in the
 (B, H, W, C) grid layout. Any input size works: the position embedding is resampled (bicubic)
 from the grid it was built for.
 
-- `v2m_tiny_224`: V2M-T (spec 3.1, "Model configs"): patch 16, dim 192, depth 24, N = 16,
-  expand 2; about 7M parameters as in the paper's table (spec 3.2).
+- `v2m_tiny_224`: V2M-T (docs/math.md §10, "Model configs"): patch 16, dim 192, depth 24, N = 16,
+  expand 2; about 7M parameters as in the paper's table (the V2M paper's results table).
 - `v2m_mini_28`: for 28 x 28 single-channel input (Fashion-MNIST): patch 4 (the 7 x 7 grid of
   `vit_mini_28`), dim 32, depth 4, N = 4, expand 1. Its cost is the 8 selective scans per block
   (4 corners x 2 passes) over B x L x E x N states, so width and state are cut to keep a
@@ -33,11 +33,11 @@ from .registry import register_variants
 
 __all__ = ["MixerBlock", "Visual2DMamba"]
 
-NORM_EPS = 1e-5  # Vim's RMSNorm epsilon (spec 2.1)
+NORM_EPS = 1e-5  # Vim's RMSNorm epsilon (docs/math.md §9)
 
 
 class MixerBlock(nn.Module):
-    """Mixer-only pre-norm residual block: x + DropPath(mixer(RMSNorm(x))) (spec 2.1, 5.2).
+    """Mixer-only pre-norm residual block: x + DropPath(mixer(RMSNorm(x))) (docs/math.md §9).
 
     Equivalent to Vim's fused "Add -> RMSNorm -> Mixer" chain, whose shifted drop-path list
     gives mixer i the rate linspace(0, drop_path_rate, depth)[i], as here.
@@ -111,7 +111,7 @@ class Visual2DMamba(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Vim's initialization (spec 2.1): lecun-normal patch conv, trunc-normal(.02) position
+        """Vim's initialization (docs/math.md §9): lecun-normal patch conv, trunc-normal(.02) position
         embedding and head, Mamba's mixer init with out_proj divided by sqrt(depth) (GPT-2
         pre-norm rescale, one residual per block)."""
         lecun_normal_(self.patch_embed.proj.weight)

@@ -1,4 +1,4 @@
-"""Vision Mamba (Vim; Zhu et al., ICML 2024, arXiv 2401.09417; spec section 2.1).
+"""Vision Mamba (Vim; Zhu et al., ICML 2024, arXiv 2401.09417; docs/math.md §9).
 
 Patch embedding, a class token in the middle of the row-major token sequence, a learned
 position embedding, and pre-norm residual blocks Add -> RMSNorm -> bidirectional Mamba mixer
@@ -32,7 +32,7 @@ __all__ = ["Vim", "VimBlock"]
 
 
 class VimBlock(nn.Module):
-    """residual <- residual + DropPath(hidden); hidden <- mixer(RMSNorm(residual)) (spec 2.1).
+    """residual <- residual + DropPath(hidden); hidden <- mixer(RMSNorm(residual)) (docs/math.md §9).
 
     The add of the previous block's output happens here, before the norm (the released
     "fused add + norm"); the residual stream is float32 whatever the compute dtype.
@@ -75,7 +75,7 @@ class Vim(nn.Module):
         drop_rate: dropout before the head.
         pos_drop_rate: dropout after adding the position embedding.
         drop_path_rate: stochastic depth; block i's incoming add uses ([0] + linspace(0, rate,
-            depth))[i] and the final add uses `rate` (spec 2.1).
+            depth))[i] and the final add uses `rate` (docs/math.md §9).
         norm_eps: RMSNorm epsilon.
     """
 
@@ -118,7 +118,7 @@ class Vim(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Released init (spec 2.1): embeddings trunc-normal .02, patch conv lecun-normal, head
+        """Released init (docs/math.md §9): embeddings trunc-normal .02, patch conv lecun-normal, head
         trunc-normal .02, zero biases, out_proj rescaled by 1/sqrt(depth) (GPT-2 pre-norm)."""
         trunc_normal_(self.cls_token, std=0.02)
         trunc_normal_(self.pos_embed, std=0.02)

@@ -1,4 +1,4 @@
-"""ViT/DeiT with the 2-D SSM (spec section 8), on timm's `VisionTransformer`.
+"""ViT/DeiT with the 2-D SSM (docs/math.md §7), on timm's `VisionTransformer`.
 
 Suffixes: `_ssm2d` puts the layer before each attention ("pre-attention", the paper's default),
 `_ssm2d_ffn` inside each MLP ("mix-ffn"), and `_nope` drops the positional embedding (the

@@ -1,4 +1,4 @@
-"""Causal depthwise 1-D convolution of Mamba's mixer (Gu & Dao 2023; spec sections 2.1, 5.3).
+"""Causal depthwise 1-D convolution of Mamba's mixer (Gu & Dao 2023; docs/math.md §9).
 
 Glossary: B batch, D channels, L sequence length, W kernel width.
 

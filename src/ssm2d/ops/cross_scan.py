@@ -1,4 +1,4 @@
-"""VMamba's cross-scan and cross-merge (Liu et al., NeurIPS 2024; docs/math.md, SS2D).
+"""VMamba's cross-scan and cross-merge (Liu et al., NeurIPS 2024; docs/math.md §13).
 
 Glossary: B batch, C channels, H x W grid, L = H * W cells, K = 4 scan directions.
 

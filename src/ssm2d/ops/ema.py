@@ -1,4 +1,4 @@
-"""Mega's multi-dimensional damped EMA (Ma et al., ICLR 2023; docs/math.md, Mega).
+"""Mega's multi-dimensional damped EMA (Ma et al., ICLR 2023; docs/math.md §12).
 
 Glossary: B batch, L sequence length, C channels, h expansion (states per channel),
 D directions (1: forward only; 2: forward and backward), `...` broadcastable leading dimensions.

@@ -71,7 +71,9 @@ def _inverse_transform(z: Tensor, grid: tuple[int, int], shape: tuple[int, int])
 
 
 def _channel_blocks(batch: int, channels: int, shape: tuple[int, int]) -> list[slice]:
-    """Channel slices whose spectra take about `_BLOCK_BYTES` each."""
+    """Channel slices whose spectra take about `_BLOCK_BYTES` each; none for an empty batch."""
+    if batch == 0:
+        return []
     per_channel = batch * shape[0] * (shape[1] // 2 + 1) * 8
     step = max(1, _BLOCK_BYTES // per_channel)
     return [slice(c, min(c + step, channels)) for c in range(0, channels, step)]
@@ -125,7 +127,7 @@ class _SpectralConv(torch.autograd.Function):
         m1, m2 = ctx.shape
         need_x, need_s = ctx.needs_input_grad[:2]
         grad_x = torch.empty_like(grad) if need_x else None
-        grad_s = torch.empty_like(spectrum) if need_s else None
+        grad_s = (torch.zeros_like if b == 0 else torch.empty_like)(spectrum) if need_s else None
         for i, blk in enumerate(_channel_blocks(b, c, ctx.shape)):
             gf = _forward_transform(grad[..., blk].permute(0, 3, 1, 2).contiguous(), ctx.shape)
             if need_x:
@@ -183,7 +185,7 @@ def correlate_sum(g: Tensor, x: Tensor, kernel_size: tuple[int, int]) -> Tensor:
     work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     # M >= H + ph keeps lags |s| <= ph free of wrap-around; M >= kh2 gives each lag its own index.
     shape = (_fast_length(max(h + ph, kh2)), _fast_length(max(w + pw, kw2)))
-    out = x.new_empty(c, kh2, kw2, dtype=work)
+    out = (x.new_zeros if b == 0 else x.new_empty)(c, kh2, kw2, dtype=work)
     for blk in _channel_blocks(b, c, shape):
         gf = _forward_transform(g[..., blk].permute(0, 3, 1, 2).to(work).contiguous(), shape)
         xf = _forward_transform(x[..., blk].permute(0, 3, 1, 2).to(work).contiguous(), shape)

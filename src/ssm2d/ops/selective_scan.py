@@ -1,8 +1,8 @@
-"""Selective scan of Mamba (Gu & Dao 2023, arXiv 2312.00752, section 3; spec sections 2.1, 5.3).
+"""Selective scan of Mamba (Gu & Dao 2023, arXiv 2312.00752, section 3; docs/math.md §9).
 
 Glossary: B batch, D channels, L sequence length, N state size, G groups of B/C.
 
-Per channel d and state n, with the input-dependent step delta (spec 2.1, "ZOH for A, Euler
+Per channel d and state n, with the input-dependent step delta (docs/math.md §9, "ZOH for A, Euler
 for B")::
 
     h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,     y_t = C_t . h_t + D u_t,
@@ -51,8 +51,8 @@ def _check_inputs(
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if not t.is_floating_point():
             raise ValueError(f"{name}: expected a real floating-point tensor, got {t.dtype}")
-    if u.ndim != 3 or min(u.shape) < 1:
-        raise ValueError(f"u: expected (B, D, L) with sizes >= 1, got {tuple(u.shape)}")
+    if u.ndim != 3 or min(u.shape[1:]) < 1:
+        raise ValueError(f"u: expected (B, D, L) with D, L >= 1 (B may be 0), got {tuple(u.shape)}")
     b, d, length = u.shape
     if delta.shape != u.shape:
         raise ValueError(f"delta: expected (B, D, L) = {tuple(u.shape)} as u, got {tuple(delta.shape)}")

@@ -171,4 +171,4 @@ def sp_attention_ref(q: Tensor, k: Tensor, v: Tensor, prior: Tensor, scale: floa
                 rows.append((weights / weights.sum()) @ v[b, h])  # (d_v,)
             per_head.append(torch.stack(rows))  # (L, d_v)
         out.append(torch.stack(per_head))  # (h, L, d_v)
-    return torch.stack(out)  # (B, h, L, d_v)
+    return torch.stack(out) if out else v * 0  # (B, h, L, d_v); B = 0: empty, on v's graph

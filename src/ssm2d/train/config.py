@@ -28,7 +28,7 @@ RUN_RECORD_KEY = "run"
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs. Defaults are the paper's small-data recipe (spec section 8).
+    """Everything a training run needs. Defaults are the paper's small-data recipe (docs/math.md §7).
 
     Args:
         model: a registered model name (`ssm2d.list_models()` or any timm name).
