@@ -9,10 +9,12 @@ also accept them under their timm names, so timm checkpoints load before or afte
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
+import torch
 import torch.nn as nn
+from torch import Tensor
 from timm.models.convnext import ConvNeXt, ConvNeXtBlock
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -20,7 +22,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from ..layers import SSM2D
 from ..layers.placement import GridSize, SpatialAfter, SpatialOnTokens
 
-__all__ = ["PLACEMENTS", "add_spatial_layers", "spatial_layers"]
+__all__ = ["PLACEMENTS", "add_spatial_layers", "layer_grids", "spatial_layers"]
 
 SpatialLayer = Callable[[int], nn.Module]
 
@@ -155,3 +157,26 @@ def add_spatial_layers(
 def spatial_layers(model: nn.Module) -> list[nn.Module]:
     """The spatial layers inserted by `add_spatial_layers`, in module order."""
     return [m.spatial for m in model.modules() if isinstance(m, (SpatialAfter, SpatialOnTokens))]
+
+
+@torch.no_grad()
+def layer_grids(model: nn.Module, layers: Mapping[str, nn.Module], input_size: Sequence[int]) -> dict[str, tuple[int, int]]:
+    """The (H, W) grid each of `layers` (name -> spatial layer of `model`) sees for one image of
+    `input_size` (C, H, W), recorded by one forward of zeros in eval mode (which `model` is left in).
+    A layer the forward does not reach is missing from the result."""
+    grids: dict[str, tuple[int, int]] = {}
+
+    def record(name: str) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
+        def hook(_: nn.Module, args: tuple[Tensor, ...]) -> None:
+            grids.setdefault(name, (args[0].shape[1], args[0].shape[2]))  # x is (B, H, W, C)
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(name)) for name, m in layers.items()]
+    try:
+        param = next(model.parameters())
+        model.eval()(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return grids

@@ -6,7 +6,6 @@ values of the learned 2-D kernels.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from ..data import build_dataset, build_transform, class_balanced_subset, dataset_info
 from ..layers import S4ND, SSM2D
+from ..models.retrofit import layer_grids
 from ..ops import fold_directions
 from .config import TrainConfig
 from .distributed import resolve_device
@@ -64,25 +64,6 @@ def resolution_accuracy(
     return results
 
 
-def _grids(model: nn.Module, layers: dict[str, nn.Module], input_size: tuple[int, ...]) -> dict[str, tuple[int, int]]:
-    """The (H, W) grid each layer sees for one input of `input_size` (one forward of zeros)."""
-    grids: dict[str, tuple[int, int]] = {}
-
-    def record(name: str) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
-        def hook(_: nn.Module, args: tuple[Tensor, ...]) -> None:
-            grids.setdefault(name, (args[0].shape[1], args[0].shape[2]))  # x is (B, H, W, C)
-
-        return hook
-
-    hooks = [m.register_forward_pre_hook(record(name)) for name, m in layers.items()]
-    try:
-        param = next(model.parameters())
-        model.eval()(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return grids
-
 
 @torch.no_grad()
 def learned_kernels(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, Tensor]:
@@ -94,7 +75,7 @@ def learned_kernels(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, 
     layers = {name: m for name, m in model.named_modules() if isinstance(m, (SSM2D, S4ND))}
     if not layers:
         raise ValueError(f"model: {type(model).__name__} has no SSM2D or S4ND layers, so no learned 2-D kernels")
-    grids = _grids(model, layers, input_size)
+    grids = layer_grids(model, layers, input_size)
     kernels = {}
     for name, layer in layers.items():
         grid = grids[name]

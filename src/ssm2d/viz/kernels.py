@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..layers import SSM2D
+from ..models.retrofit import layer_grids
 from ..ops import DIRECTION_FLIPS, fold_directions
 
 __all__ = ["layer_kernel_panels", "model_kernel_panels", "save_kernel_heatmaps"]
@@ -53,21 +54,7 @@ def model_kernel_panels(model: nn.Module, input_size: Sequence[int]) -> dict[str
     layers = {name: m for name, m in model.named_modules() if isinstance(m, SSM2D)}
     if not layers:
         raise ConfigError(f"model: {type(model).__name__} has no 2-D SSM layers, so it has no 2-D kernels to draw")
-    grids: dict[str, tuple[int, int]] = {}
-
-    def record(name: str) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
-        def hook(_: nn.Module, args: tuple[Tensor, ...]) -> None:
-            grids.setdefault(name, (args[0].shape[1], args[0].shape[2]))  # x is (B, H, W, C)
-
-        return hook
-
-    hooks = [m.register_forward_pre_hook(record(name)) for name, m in layers.items()]
-    try:
-        param = next(model.parameters())
-        model.eval()(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
-    finally:
-        for hook in hooks:
-            hook.remove()
+    grids = layer_grids(model, layers, input_size)
     return {name: layer_kernel_panels(layer, grids[name]) for name, layer in layers.items() if name in grids}
 
 
