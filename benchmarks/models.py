@@ -325,21 +325,21 @@ def compile_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
-def compile_markdown(payload: dict) -> list[str]:
-    """The compiled-step section of the docs (empty when the run skipped it)."""
-    results = payload.get("compile")
-    if not results:
-        return []
-    return [
+def compile_markdown(payload: dict) -> str:
+    """The compiled-step section of docs/benchmarks.md."""
+    m = payload["machine"]
+    return "\n".join([
+        "### Compiled training step (float32)",
         "",
-        "#### Compiled training step",
+        f"Command: `{payload['command']}`  ",
+        f"Run: {payload['date']} on {m['cpu']}, {m['threads']} threads, torch {m['torch']}.",
         "",
-        markdown_table(*compile_rows(results)),
+        markdown_table(*compile_rows(payload["compile"])),
         "",
-        "Training step (as above) in eager mode and with the model's forward under `torch.compile`, timed in "
-        f"alternation, medians of {payload['reps']} repetitions; compile s: the first compiled step, tracing and "
-        "code generation included.",
-    ]
+        "Training step (forward, cross-entropy backward, AdamW step) in eager mode and with the model's forward "
+        f"under `torch.compile`, timed in alternation, medians of {payload['reps']} repetitions; compile s: the "
+        "first compiled step, tracing and code generation included.",
+    ])  # fmt: skip
 
 
 def floor_lines(floors: list[dict]) -> list[str]:
@@ -408,7 +408,6 @@ def markdown(payload: dict) -> str:
         *target_lines(payload["results"]),
         "",
         f"For comparison, the authors' implementation: {AUTHORS_TRAIN}.",
-        *compile_markdown(payload),
     ])  # fmt: skip
 
 
@@ -421,7 +420,7 @@ def readme_markdown(payload: dict) -> str:
         parts += ["", markdown_table([header[i] for i in keep], [[r[i] for i in keep] for r in body])]
     if payload.get("comparators"):
         comp = payload["comparators"]
-        parts += ["", f"Vim and V2M, training step at batch {comp['batch']} on {comp['input']} against "
+        parts += ["", f"The other spatial layers' models, training step at batch {comp['batch']} on {comp['input']} against "
                   f"`{comp['baseline']}`:", "", markdown_table(*comparator_rows(comp)), "", *comparator_lines(comp)]
     return "\n".join(parts)
 
@@ -496,11 +495,14 @@ def update_docs(payload: dict) -> None:
         update_section(docs, "models", markdown(payload))
     if payload.get("comparators"):
         update_section(docs, "models-comparators", comparator_markdown(payload))
+    if payload.get("compile"):
+        update_section(docs, "models-compile", compile_markdown(payload))
     if payload.get("mega"):
         update_section(docs, "models-mega", mega_markdown(payload))
     if payload.get("deploy"):
         update_section(docs, "models-deploy", deploy_markdown(payload))
-    update_section(ROOT / "README.md", "models-results", readme_markdown(payload) + mega_readme_markdown(payload))
+    if payload.get("results"):  # the README block summarizes a run of the pairs (and what ran with them)
+        update_section(ROOT / "README.md", "models-results", readme_markdown(payload) + "\n" + mega_readme_markdown(payload))
     print("updated docs/benchmarks.md and README.md")
 
 
