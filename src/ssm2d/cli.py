@@ -148,7 +148,7 @@ def _study(args: argparse.Namespace, extra: list[str]) -> None:
     else:
         plan = load_study(args.config, quick=args.quick)
         command = "ssm2d " + " ".join(args.argv)
-        payload = run_study(plan, output, only=args.only, resume_from=args.resume_from, command=command)
+        payload = run_study(plan, output, only=args.only, models=args.models, resume_from=args.resume_from, command=command)
     path = render_results(payload, docs, readme)
     print(f"wrote {output / 'study.json'}, {path}, {docs / 'results.json'} and {docs / 'img'}/"
           + (f"; updated {readme}" if readme else ""))
@@ -283,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="smoke test: the file's quick overrides (one epoch, tiny data, "
                    "one seed), into a temporary folder unless --output; the report stays in that folder")
     s.add_argument("--only", nargs="+", metavar="EXPERIMENT", help="train only these experiments' runs")
+    s.add_argument("--models", nargs="+", metavar="MODEL", help="train only these models' runs (within --only)")
     s.add_argument("--resume-from", help="a study.json (e.g. docs/results.json) whose finished runs are taken over")
     s.add_argument("--render-only", action="store_true", help="render the report from OUTPUT/study.json (or "
                    "--resume-from) without training")

@@ -88,7 +88,8 @@ class MambaInner(TaggedModule):
         dt, *bc = self.x_proj(rearrange(u, "s e l -> s l e")).split(
             [self.dt_rank] + [self.state_dim] * len(self.learned), dim=-1
         )  # (S, L, R), (S, L, N) per learned projection
-        delta = rearrange(F.linear(dt, self.dt_proj.weight), "s l e -> s e l")  # (S, E, L); bias added in the scan
+        # (S, E, L), a view of a channels-last tensor, as u and z: the fused ops read them without a copy
+        delta = rearrange(F.linear(dt, self.dt_proj.weight), "s l e -> s e l")  # bias added in the scan
         learned = dict(zip(self.learned, (rearrange(t, "s l n -> s n l") for t in bc)))
         ones = u.new_ones(()).expand(s, self.state_dim, length)  # a projection held at 1
         b, c = learned.get("B", ones), learned.get("C", ones)  # (S, N, L) each

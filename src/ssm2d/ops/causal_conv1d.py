@@ -71,7 +71,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activat
     _check_inputs(x, weight, bias, activation)
     fused_ok = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.shape[-1] > 0
     if fused_ok and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype):
-        return fused_causal_conv1d(x.contiguous(), weight.contiguous(), bias, activation is not None)
+        return fused_causal_conv1d(x, weight, bias, activation is not None)
     width = weight.shape[1]
     y = F.conv1d(F.pad(x, (width - 1, 0)), weight[:, None], bias, groups=x.shape[1])  # (B, D, L)
     return y if activation is None else F.silu(y)

@@ -1,26 +1,31 @@
 """Fused selective scan for CPU tensors: numba kernels for the forward and backward pass.
 
 Glossary: B batch, D channels, L sequence length, N state size, G groups of B/C, T steps per
-checkpoint chunk, K = ceil(L / T) chunks.
+checkpoint chunk, K = ceil(L / T) chunks, W lanes (channels per block), P = D / W blocks.
 
 The recurrence of `ssm2d.ops.selective_scan` (Gu & Dao 2023, section 3) from the step sizes
-delta_t (bias and softplus applied by the caller, in torch, vectorised), with the D skip and the
-silu(z) gate fused in::
+delta_t (bias and softplus applied by the caller, in torch), with the D skip and the silu(z)
+gate fused in::
 
     h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,   y_t = C_t . h_t + D u_t,   out_t = y_t silu(z_t)
 
-Each (batch, channel) row is one sequential loop over t, the rows in parallel
-(`numba.prange`). Per step the kernel reads u, delta, z and one B_t and C_t row and writes one
-output: the (B, D, L, N) state is never stored. The loop over the N states has no reduction
-and no call into libm (`fast_exp`), so LLVM vectorises it; sums over N are taken after it.
+Layout. The kernels vectorise over channels, not states: a block of W channels that share one
+group of B and one of C runs as W lanes, its state an (N, W) array, and the innermost loops run
+over the lanes (no reduction over N: y_t accumulates lane by lane). The inputs are taken
+channels-last, (B, L, P, W), so that a step of a block is one contiguous row; the blocks
+(b, p) run in parallel (`numba.prange`), each a sequential loop over t. The (B, D, L, N) state
+is never stored. Vectorising over the N = 16 states instead (an earlier version) left every
+loop shorter than LLVM's vector body: at Vim's shapes (B 64, D 128, L 49, N 16), one thread,
+the forward took 8.2 ms that way and 3.0 ms this way; at V2M's (B 1792, D 128, L 7), 37 ms
+and 16 ms.
 
-Backward. The forward keeps the state at the start of every chunk of T steps, (B, D, K, N).
-The backward walks the chunks from the last: it recomputes the chunk's T states from its
-checkpoint into a (T + 1, N) buffer, then runs the adjoint g_t = exp(delta_{t+1} A) g_{t+1} +
-C_t dy_t backwards through the chunk, as mamba-ssm's CUDA kernel does. The gradients of B and C
-are sums over the channels of a group, written by many rows: each thread accumulates into its
-own (B, G, L, N) copy, summed afterwards; the gradients of A and D are summed over the batch
-the same way from per-row values.
+Backward. The forward keeps the state at the start of every chunk of T steps,
+(B, K, P, N, W). The backward walks the chunks from the last: it recomputes the chunk's states
+from its checkpoint into a (T + 1, N, W) buffer, then runs the adjoint
+g_t = exp(delta_{t+1} A) g_{t+1} + C_t dy_t backwards through the chunk, as mamba-ssm's CUDA
+kernel does. The gradients of B and C are sums over the channels of a group: each block writes
+its lanes' sum into its own slice of a (P_group, B, G, L, N) array, summed afterwards; the
+gradients of A and D are summed over the batch the same way.
 
 Compiled on first use per dtype (float32, float64) and cached on disk (`cache=True`): next to
 this file when the package directory is writable, else in numba's user cache directory
@@ -29,6 +34,8 @@ this file when the package directory is writable, else in numba's user cache dir
 """
 
 from __future__ import annotations
+
+import math
 
 import numba
 import numpy as np
@@ -39,137 +46,185 @@ from .fast_exp import fast_exp
 from .first_order import first_order_only
 from .numba_arrays import as_array, use_torch_threads
 
-__all__ = ["CHECKPOINT_STEPS", "fused_scan"]
+__all__ = ["CHECKPOINT_STEPS", "MAX_LANES", "fused_scan", "lanes"]
 
-# T: steps between saved states. The backward recomputes a chunk into a (T + 1, N) buffer that
-# stays in L1; the checkpoints cost B D L N / T. At B 2, D 192, L 3136, N 16 (forward +
-# backward, 2 loaded cores, in alternation) T = 16, 64 and 256 ran within 4 % of each other.
-CHECKPOINT_STEPS = 64
+# T: steps between saved states. The backward recomputes a chunk into (T + 1, N, W) and
+# (T, N, W) buffers, 139 kB at N 16, W 64 in float32: they stay in L2. The checkpoints cost
+# B D L N / T.
+CHECKPOINT_STEPS = 16
 
+# The widest block: lanes enough for LLVM's vector body (AVX-512: 16 float32 x 4 unrolled), and
+# the recompute buffers above in L2.
+MAX_LANES = 64
 
-@numba.njit(inline="always")
-def _sum(x):
-    """sum of a 1-D array with four running sums: a quarter of the latency chain of one."""
-    s0, s1, s2, s3 = x[0] * 0, x[0] * 0, x[0] * 0, x[0] * 0
-    n, count = 0, x.shape[0]
-    while n + 4 <= count:
-        s0 += x[n]
-        s1 += x[n + 1]
-        s2 += x[n + 2]
-        s3 += x[n + 3]
-        n += 4
-    while n < count:
-        s0 += x[n]
-        n += 1
-    return (s0 + s1) + (s2 + s3)
+# Floating-point freedoms for the kernels: reassociation lets LLVM vectorise the sums over the
+# lanes (the gradients of B and C), contraction gives FMAs. NaN and infinity keep IEEE
+# semantics (no nnan/ninf).
+_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
 
-@numba.njit(parallel=True, cache=True)
+def lanes(d: int, groups_b: int, groups_c: int) -> int:
+    """W: the largest divisor, at most `MAX_LANES`, of the channels that share one group of B and
+    one of C (gcd(D / G_B, D / G_C)). Blocks of W channels then never straddle a group."""
+    seg = math.gcd(d // groups_b, d // groups_c)
+    return max(w for w in range(1, min(seg, MAX_LANES) + 1) if seg % w == 0)
+
+
+@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def _forward_kernel(u, dts, A, Bt, Ct, Dskip, z, has_D, has_z, T, out, ypre, ckpt, last):
-    """Fill out (B, D, L), ypre (B, D, L) (the ungated y, when has_z), ckpt (B, D, K, N) and
-    last (B, D, N).
+    """Fill out, ypre (B, L, P, W) (ypre: the ungated y, when has_z), ckpt (B, K, P, N, W) and
+    last (B, P, N, W).
 
-    u, dts (the step sizes), z (B, D, L); A (D, N); Bt, Ct (B, G, L, N); Dskip (D,). Absent
-    optional arrays are empty and their `has_` flag is False.
+    u, dts (the step sizes), z (B, L, P, W); A (P, N, W); Bt, Ct (B, G, L, N); Dskip (P, W).
+    Channel d = p W + w. Absent optional arrays are empty and their `has_` flag is False.
     """
-    nb, nd, length = u.shape
+    nb, length, nblk, w = u.shape
     n_state = A.shape[1]
-    per_b, per_c = nd // Bt.shape[1], nd // Ct.shape[1]
-    for row in numba.prange(nb * nd):
-        b, d = row // nd, row % nd
-        gb, gc = d // per_b, d // per_c
-        h = np.zeros(n_state, dtype=u.dtype)
-        to_y = np.empty(n_state, dtype=u.dtype)  # h_t C_t per state, summed after the vectorised loop
-        for t in range(length):
-            if t % T == 0:
-                ckpt[b, d, t // T, :] = h
-            dt = dts[b, d, t]
-            ut = u[b, d, t]
-            du = dt * ut
-            for n in range(n_state):  # vectorised: no reduction in this loop
-                hn = fast_exp(dt * A[d, n]) * h[n] + du * Bt[b, gb, t, n]
-                h[n] = hn
-                to_y[n] = hn * Ct[b, gc, t, n]
-            y = _sum(to_y)
-            if has_D:
-                y += Dskip[d] * ut
-            if has_z:
-                ypre[b, d, t] = y
-                zt = z[b, d, t]
-                y = y * zt / (1 + fast_exp(-zt))
-            out[b, d, t] = y
-        last[b, d, :] = h
+    per_b, per_c = nblk * w // Bt.shape[1], nblk * w // Ct.shape[1]
+    chunks = (length + T - 1) // T
+    for item in numba.prange(nb * nblk):
+        b, p = item // nblk, item % nblk
+        gb, gc = p * w // per_b, p * w // per_c
+        Ap = A[p]
+        h = np.zeros((n_state, w), dtype=u.dtype)
+        du = np.empty(w, dtype=u.dtype)
+        y = np.empty(w, dtype=u.dtype)
+        for k in range(chunks):
+            ckpt[b, k, p] = h
+            for t in range(k * T, min(length, k * T + T)):
+                dtv, uv = dts[b, t, p], u[b, t, p]
+                for j in range(w):
+                    du[j] = dtv[j] * uv[j]
+                    y[j] = 0
+                Bv, Cv = Bt[b, gb, t], Ct[b, gc, t]
+                for n in range(n_state):
+                    bn, cn, hn, an = Bv[n], Cv[n], h[n], Ap[n]
+                    for j in range(w):  # vectorised over the lanes
+                        hv = fast_exp(dtv[j] * an[j]) * hn[j] + du[j] * bn
+                        hn[j] = hv
+                        y[j] += hv * cn
+                if has_D:
+                    Dp = Dskip[p]
+                    for j in range(w):
+                        y[j] += Dp[j] * uv[j]
+                o = out[b, t, p]
+                if has_z:
+                    yp, zv = ypre[b, t, p], z[b, t, p]
+                    for j in range(w):
+                        yp[j] = y[j]
+                        o[j] = y[j] * zv[j] / (1 + fast_exp(-zv[j]))
+                else:
+                    o[:] = y
+        last[b, p] = h
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def _backward_kernel(
     u, dts, A, Bt, Ct, Dskip, z, has_D, has_z, T, ckpt, ypre, gout, glast, has_glast,
-    gu, gdt_out, gz, gA_rows, gD_rows, gB_threads, gC_threads,
+    gu, gdt_out, gz, gA_items, gD_items, gB_parts, gC_parts,
 ):  # fmt: skip
-    """Fill gu, gdt_out, gz (B, D, L); gA_rows (B, D, N); gD_rows (B, D); and add
-    into gB_threads, gC_threads (threads, B, G, L, N), one slice per numba thread.
+    """Fill gu, gdt_out, gz (B, L, P, W); gA_items (B, P, N, W); gD_items (B, P, W); and
+    gB_parts, gC_parts (P_group, B, G, L, N): slice q holds the sum over the lanes of the q-th
+    block of each group.
 
-    Arguments as `_forward_kernel`, plus gout (B, D, L) and glast (B, D, N) (has_glast: the
-    last state has an upstream gradient).
+    Arguments as `_forward_kernel`, plus gout (B, L, P, W) and glast (B, P, N, W) (has_glast:
+    the last state has an upstream gradient).
     """
-    nb, nd, length = u.shape
+    nb, length, nblk, w = u.shape
     n_state = A.shape[1]
-    per_b, per_c = nd // Bt.shape[1], nd // Ct.shape[1]
+    per_b, per_c = nblk * w // Bt.shape[1], nblk * w // Ct.shape[1]
     chunks = (length + T - 1) // T
-    for row in numba.prange(nb * nd):
-        tid = numba.get_thread_id()
-        b, d = row // nd, row % nd
-        gb, gc = d // per_b, d // per_c
-        g = np.zeros(n_state, dtype=u.dtype)  # adjoint of h_t carried from step t + 1
+    for item in numba.prange(nb * nblk):
+        b, p = item // nblk, item % nblk
+        gb, gc = p * w // per_b, p * w // per_c
+        qb, qc = p - gb * (per_b // w), p - gc * (per_c // w)
+        Ap = A[p]
+        g = np.zeros((n_state, w), dtype=u.dtype)  # adjoint of h_t carried from step t + 1
         if has_glast:
-            g[:] = glast[b, d, :]
-        gA = np.zeros(n_state, dtype=u.dtype)
-        gD = 0.0
-        hs = np.empty((T + 1, n_state), dtype=u.dtype)  # h_{t0 - 1}, ..., h_{t1 - 1} of a chunk
-        decay = np.empty((T, n_state), dtype=u.dtype)  # exp(delta_t A)
-        to_du = np.empty(n_state, dtype=u.dtype)  # per state, summed after the vectorised loop
-        to_dt = np.empty(n_state, dtype=u.dtype)
+            g[:, :] = glast[b, p]
+        gA = np.zeros((n_state, w), dtype=u.dtype)
+        gD = np.zeros(w, dtype=u.dtype)
+        hs = np.empty((T + 1, n_state, w), dtype=u.dtype)  # h_{t0 - 1}, ..., h_{t1 - 1} of a chunk
+        decay = np.empty((T, n_state, w), dtype=u.dtype)  # exp(delta_t A)
+        du = np.empty(w, dtype=u.dtype)
+        gy = np.empty(w, dtype=u.dtype)  # dL/dy_t
+        gdu = np.empty(w, dtype=u.dtype)  # dL/d(delta_t u_t)
+        gdA = np.empty(w, dtype=u.dtype)  # sum_n dL/d(delta_t A_n) A_n
         for k in range(chunks - 1, -1, -1):
             t0 = k * T
             steps = min(length, t0 + T) - t0
-            hs[0, :] = ckpt[b, d, k, :]
+            hs[0] = ckpt[b, k, p]
             for i in range(steps):
                 t = t0 + i
-                dt = dts[b, d, t]
-                du = dt * u[b, d, t]
+                dtv, uv = dts[b, t, p], u[b, t, p]
+                for j in range(w):
+                    du[j] = dtv[j] * uv[j]
+                Bv = Bt[b, gb, t]
                 for n in range(n_state):
-                    a = fast_exp(dt * A[d, n])
-                    decay[i, n] = a
-                    hs[i + 1, n] = a * hs[i, n] + du * Bt[b, gb, t, n]
+                    bn, h_prev, h_next, dec, an = Bv[n], hs[i, n], hs[i + 1, n], decay[i, n], Ap[n]
+                    for j in range(w):
+                        a = fast_exp(dtv[j] * an[j])
+                        dec[j] = a
+                        h_next[j] = a * h_prev[j] + du[j] * bn
             for i in range(steps - 1, -1, -1):
                 t = t0 + i
-                dt, ut = dts[b, d, t], u[b, d, t]
-                gy = gout[b, d, t]
+                dtv, uv, go = dts[b, t, p], u[b, t, p], gout[b, t, p]
                 if has_z:
-                    zt = z[b, d, t]
-                    sig = 1 / (1 + fast_exp(-zt))
-                    gz[b, d, t] = gy * ypre[b, d, t] * sig * (1 + zt * (1 - sig))
-                    gy = gy * zt * sig
-                du = dt * ut
-                for n in range(n_state):  # vectorised: no reduction in this loop
-                    gn = g[n] + gy * Ct[b, gc, t, n]  # dL/dh_t
-                    gC_threads[tid, b, gc, t, n] += gy * hs[i + 1, n]
-                    gB_threads[tid, b, gb, t, n] += gn * du
-                    gw = gn * decay[i, n] * hs[i, n]  # dL/d(delta_t A_n)
-                    gA[n] += gw * dt
-                    to_du[n] = gn * Bt[b, gb, t, n]
-                    to_dt[n] = gw * A[d, n]
-                    g[n] = gn * decay[i, n]
-                gdu = _sum(to_du)
-                gdt = _sum(to_dt) + gdu * ut
-                gut = gdu * dt
+                    zv, ypv, gzv = z[b, t, p], ypre[b, t, p], gz[b, t, p]
+                    for j in range(w):
+                        sig = 1 / (1 + fast_exp(-zv[j]))
+                        gzv[j] = go[j] * ypv[j] * sig * (1 + zv[j] * (1 - sig))
+                        gy[j] = go[j] * zv[j] * sig
+                else:
+                    gy[:] = go
+                for j in range(w):
+                    du[j] = dtv[j] * uv[j]
+                    gdu[j] = 0
+                    gdA[j] = 0
+                Bv, Cv = Bt[b, gb, t], Ct[b, gc, t]
+                gBv, gCv = gB_parts[qb, b, gb, t], gC_parts[qc, b, gc, t]
+                for n in range(n_state):
+                    bn, cn, an, gn_, gAn = Bv[n], Cv[n], Ap[n], g[n], gA[n]
+                    h_prev, h_next, dec = hs[i, n], hs[i + 1, n], decay[i, n]
+                    sB = bn * 0  # zeros of the input's dtype
+                    sC = bn * 0
+                    for j in range(w):  # vectorised over the lanes, the two sums too
+                        gn = gn_[j] + gy[j] * cn  # dL/dh_t
+                        sC += gy[j] * h_next[j]
+                        sB += gn * du[j]
+                        gw = gn * dec[j] * h_prev[j]  # dL/d(delta_t A_n)
+                        gAn[j] += gw * dtv[j]
+                        gdu[j] += gn * bn
+                        gdA[j] += gw * an[j]
+                        gn_[j] = gn * dec[j]
+                    gBv[n] = sB
+                    gCv[n] = sC
+                gur, gdtr = gu[b, t, p], gdt_out[b, t, p]
+                for j in range(w):
+                    gur[j] = gdu[j] * dtv[j]
+                    gdtr[j] = gdA[j] + gdu[j] * uv[j]
                 if has_D:
-                    gut += gy * Dskip[d]
-                    gD += gy * ut
-                gu[b, d, t] = gut
-                gdt_out[b, d, t] = gdt
-        gA_rows[b, d, :] = gA
-        gD_rows[b, d] = gD
+                    Dp = Dskip[p]
+                    for j in range(w):
+                        gur[j] += gy[j] * Dp[j]
+                        gD[j] += gy[j] * uv[j]
+        gA_items[b, p] = gA
+        gD_items[b, p] = gD
+
+
+def _lanes_last(t: Tensor, w: int) -> Tensor:
+    """(B, D, L) -> contiguous (B, L, P, W)."""
+    return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], t.shape[1] // w, w).contiguous()
+
+
+def _lanes_state(t: Tensor, w: int) -> Tensor:
+    """(B, D, N) -> contiguous (B, P, N, W)."""
+    return t.reshape(t.shape[0], t.shape[1] // w, w, t.shape[2]).transpose(2, 3).contiguous()
+
+
+def _channels(t: Tensor) -> Tensor:
+    """(B, L, P, W) -> a (B, D, L) view."""
+    return t.flatten(2).transpose(1, 2)
 
 
 class _FusedScan(torch.autograd.Function):
@@ -178,45 +233,55 @@ class _FusedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, dt, A, Bt, Ct, D, z):
         bsz, d, length = u.shape
-        out = torch.empty_like(u)
-        ypre = torch.empty_like(u) if z is not None else u.new_empty(0, 0, 0)
-        ckpt = u.new_empty(bsz, d, -(-length // CHECKPOINT_STEPS), A.shape[1])
-        last = u.new_empty(bsz, d, A.shape[1])
+        n_state = A.shape[1]
+        w = lanes(d, Bt.shape[1], Ct.shape[1])
+        uw, dtw = _lanes_last(u, w), _lanes_last(dt, w)
+        zw = _lanes_last(z, w) if z is not None else None
+        Aw = A.reshape(d // w, w, n_state).transpose(1, 2).contiguous()  # (P, N, W)
+        Dw = D.reshape(d // w, w).contiguous() if D is not None else None
+        out = torch.empty_like(uw)
+        ypre = torch.empty_like(uw) if z is not None else u.new_empty(0, 0, 0, 0)
+        ckpt = u.new_empty(bsz, -(-length // CHECKPOINT_STEPS), d // w, n_state, w)
+        last = u.new_empty(bsz, d // w, n_state, w)
         use_torch_threads()
         _forward_kernel(
-            as_array(u, u, 3), as_array(dt, u, 3), as_array(A, u, 2), as_array(Bt, u, 4), as_array(Ct, u, 4),
-            as_array(D, u, 1), as_array(z, u, 3), D is not None, z is not None, CHECKPOINT_STEPS,
-            out.numpy(), ypre.numpy(), ckpt.numpy(), last.numpy(),
+            uw.numpy(), dtw.numpy(), Aw.numpy(), as_array(Bt, u, 4), as_array(Ct, u, 4), as_array(Dw, u, 2),
+            as_array(zw, u, 4), D is not None, z is not None, CHECKPOINT_STEPS, out.numpy(), ypre.numpy(),
+            ckpt.numpy(), last.numpy(),
         )  # fmt: skip
-        ctx.save_for_backward(u, dt, A, Bt, Ct, D, z, ckpt, ypre)
+        ctx.save_for_backward(uw, dtw, Aw, Bt, Ct, Dw, zw, ckpt, ypre)
         ctx.set_materialize_grads(False)
-        return out, last
+        return _channels(out), last.transpose(2, 3).reshape(bsz, d, n_state)
 
     @staticmethod
     @first_order_only("selective_scan (fused CPU kernel)")
     def backward(ctx, gout: Tensor | None, glast: Tensor | None):
-        u, dt, A, Bt, Ct, D, z, ckpt, ypre = ctx.saved_tensors
-        threads = use_torch_threads()
-        gu, gdt = torch.empty_like(u), torch.empty_like(u)
-        gz = torch.empty_like(u) if z is not None else u.new_empty(0, 0, 0)
-        gA_rows, gD_rows = u.new_empty(*u.shape[:2], A.shape[1]), u.new_empty(u.shape[:2])
-        gB_threads, gC_threads = Bt.new_zeros(threads, *Bt.shape), Ct.new_zeros(threads, *Ct.shape)
+        uw, dtw, Aw, Bt, Ct, Dw, zw, ckpt, ypre = ctx.saved_tensors
+        use_torch_threads()
+        bsz, length, nblk, w = uw.shape
+        n_state = Aw.shape[1]
+        d = nblk * w
+        gu, gdt = torch.empty_like(uw), torch.empty_like(uw)
+        gz = torch.empty_like(uw) if zw is not None else uw.new_empty(0, 0, 0, 0)
+        gA, gD = uw.new_empty(bsz, nblk, n_state, w), uw.new_empty(bsz, nblk, w)
+        gB = Bt.new_empty(d // Bt.shape[1] // w, *Bt.shape)
+        gC = Ct.new_empty(d // Ct.shape[1] // w, *Ct.shape)
+        gout_w = uw.new_zeros(uw.shape) if gout is None else _lanes_last(gout, w)
         _backward_kernel(
-            as_array(u, u, 3), as_array(dt, u, 3), as_array(A, u, 2), as_array(Bt, u, 4), as_array(Ct, u, 4),
-            as_array(D, u, 1), as_array(z, u, 3), D is not None, z is not None, CHECKPOINT_STEPS, ckpt.numpy(),
-            ypre.numpy(), as_array(torch.zeros_like(u) if gout is None else gout, u, 3), as_array(glast, u, 3),
-            glast is not None, gu.numpy(), gdt.numpy(), gz.numpy(), gA_rows.numpy(), gD_rows.numpy(),
-            gB_threads.numpy(), gC_threads.numpy(),
+            uw.numpy(), dtw.numpy(), Aw.numpy(), as_array(Bt, uw, 4), as_array(Ct, uw, 4), as_array(Dw, uw, 2),
+            as_array(zw, uw, 4), Dw is not None, zw is not None, CHECKPOINT_STEPS, ckpt.numpy(), ypre.numpy(),
+            gout_w.numpy(), as_array(None if glast is None else _lanes_state(glast, w), uw, 4), glast is not None,
+            gu.numpy(), gdt.numpy(), gz.numpy(), gA.numpy(), gD.numpy(), gB.numpy(), gC.numpy(),
         )  # fmt: skip
         need = ctx.needs_input_grad
         return (
-            gu,
-            gdt,
-            gA_rows.sum(0),
-            gB_threads.sum(0) if need[3] else None,
-            gC_threads.sum(0) if need[4] else None,
-            gD_rows.sum(0) if D is not None else None,
-            gz if z is not None else None,
+            _channels(gu),
+            _channels(gdt),
+            gA.sum(0).transpose(1, 2).reshape(d, n_state),
+            gB.sum(0) if need[3] else None,
+            gC.sum(0) if need[4] else None,
+            gD.sum(0).reshape(d) if Dw is not None else None,
+            _channels(gz) if zw is not None else None,
         )
 
 
@@ -227,14 +292,20 @@ def fused_scan(
 
     Args:
         u: (B, D, L).
-        dt: step sizes delta_t, after bias and softplus (cheaper in torch, vectorised), (B, D, L).
+        dt: step sizes delta_t, after bias and softplus, (B, D, L). (Computed in torch: a
+            vectorisable softplus in the kernels, recomputed in the backward's two passes, made
+            the scan 1.2x to 1.5x slower than torch's softplus at Vim's and V2M's shapes.)
         A: (D, N).
         Bt, Ct: (B, G, L, N), time before state (the transpose of `selective_scan`'s layout);
             channel d uses group d // (D / G); B and C may have different G.
         D: (D,) or None.
         z: (B, D, L) or None.
 
-    All tensors contiguous, of one dtype, float32 or float64, on the CPU. Memory: the
-    checkpoints, B D L N / `CHECKPOINT_STEPS`, and the backward's per-thread gradients of B and C.
+    u, dt, z of any strides (read channels-last: no copy when they are transposed (B, L, D)
+    tensors, as Mamba's in_proj gives), the others contiguous; all of one dtype, float32 or
+    float64, on the CPU. Memory: channels-last copies of u, dt, z (and of the output gradient),
+    the checkpoints, B D L N / `CHECKPOINT_STEPS`, and the backward's per-block gradients of B
+    and C, D / (G W) copies of (B, G, L, N). The outputs and the gradients of u, dt, z are
+    transposed views.
     """
     return _FusedScan.apply(u, dt, A, Bt, Ct, D, z)

@@ -266,8 +266,8 @@ def selective_scan(
     dt = _step_sizes(delta.to(dtype), bias, delta_softplus)
     if u.device.type == "cpu" and chunk_size is None:
         Bt, Ct = (t.transpose(-1, -2).contiguous() for t in (Bg, Cg))  # (B, G, L, N): a step's states adjacent
-        optional = (None if t is None else t.contiguous() for t in (Df, zf))
-        y, last = fused_scan(uf.contiguous(), dt.contiguous(), Af.contiguous(), Bt, Ct, *optional)
+        Dc = None if Df is None else Df.contiguous()
+        y, last = fused_scan(uf, dt, Af.contiguous(), Bt, Ct, Dc, zf)  # u, dt, z: any strides
         y = y.to(u.dtype)
         return (y, last) if return_last_state else y
     length = u.shape[-1]

@@ -126,6 +126,7 @@ def run_study(
     plan: StudyPlan,
     output: str | Path,
     only: list[str] | None = None,
+    models: list[str] | None = None,
     resume_from: str | Path | None = None,
     command: str | None = None,
     train_fn: Callable[..., dict[str, Any]] = train,
@@ -136,6 +137,7 @@ def run_study(
         plan: from `load_study`.
         output: DIR: `DIR/study.json` and the run folders `DIR/runs/<id>/`.
         only: experiment names whose runs to train (default: all); the other records are kept.
+        models: model names whose runs to train (default: all), within `only`.
         resume_from: a study.json of an earlier study whose finished records are taken over
             (those already in DIR/study.json win).
         command: the command line, recorded in the JSON.
@@ -151,8 +153,15 @@ def run_study(
         records.update(load_records(Path(resume_from), plan, "--resume-from"))
     if (out / "study.json").is_file():
         records.update(load_records(out / "study.json", plan, "study.json"))
+    planned = sorted({r.config.model for r in plan.runs.values()})
+    unknown = [m for m in models or [] if m not in planned]
+    if unknown:
+        raise ConfigError(f"--models: unknown models {', '.join(unknown)}; the study trains {', '.join(planned)}")
     selected = set(only or names)
-    todo = [r for r in plan.runs.values() if any(u["experiment"] in selected for u in r.uses)]
+    todo = [
+        r for r in plan.runs.values()
+        if any(u["experiment"] in selected for u in r.uses) and (models is None or r.config.model in models)
+    ]  # fmt: skip
 
     def write() -> None:
         write_text_atomic(out / "study.json", json.dumps(study_payload(plan, records, command), indent=1) + "\n")
