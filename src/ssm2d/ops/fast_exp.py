@@ -1,4 +1,5 @@
-"""`fast_exp`: exp for numba kernels that LLVM can vectorise (no call into libm).
+"""`fast_exp` and `fast_softplus`: exp and softplus for numba kernels that LLVM can vectorise (no
+call into libm).
 
 Cody-Waite range reduction x = k ln 2 + r with |r| <= ln(2) / 2, a Taylor polynomial in r in
 Horner form (degree 7 for float32, 13 for float64) and 2^k built from its exponent bits.
@@ -21,7 +22,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
-__all__ = ["fast_exp"]
+__all__ = ["fast_exp", "fast_softplus"]
 
 
 @intrinsic
@@ -93,4 +94,69 @@ def _fast_exp(x):
             return p * _bits_to_float(i64((i64(k) + 1023) << 52))  # 2^k
 
         return exp64
+    return None
+
+
+def fast_softplus(x: float) -> float:
+    """softplus(x) = log(1 + e^x) inside numba-compiled code, as `F.softplus` (x above 20 passes
+    through); see `_fast_softplus`."""
+    raise TypeError("fast_softplus: callable from numba-compiled code only")
+
+
+@overload(fast_softplus, inline="always")
+def _fast_softplus(x):
+    """max(x, 0) + log1p(e^-|x|), with log1p(e) = 2 atanh(s) = 2 (s + s^3/3 + s^5/5 + ...) for
+    s = e / (2 + e) in [0, 1/3]: 9 terms in float32 and 18 in float64 leave the truncation under
+    (1/3)^18 = 2.6e-9 and (1/3)^36 = 6.7e-18 relative, and a small e loses nothing to
+    cancellation (s = e / 2 to first order). Measured against float64 F.softplus over
+    [-80, 40]: relative error at most 2.5e-7 (float32) and 5.7e-16 (float64); below -87 (float32)
+    the result is fast_exp's floor, 1.6e-38. The polynomial in s^2 is written out in Horner form
+    (a loop over the coefficients does not vectorise)."""
+    if x == types.float32:
+        f32 = np.float32
+        c = tuple(f32(1 / (2 * k + 1)) for k in range(9))
+        two, zero, threshold = f32(2), f32(0), f32(20)
+
+        def softplus32(x):
+            e = fast_exp(-abs(x))
+            s = e / (two + e)
+            s2 = s * s
+            p = c[8] * s2 + c[7]
+            p = p * s2 + c[6]
+            p = p * s2 + c[5]
+            p = p * s2 + c[4]
+            p = p * s2 + c[3]
+            p = p * s2 + c[2]
+            p = p * s2 + c[1]
+            p = p * s2 + c[0]
+            return x if x > threshold else max(x, zero) + two * s * p
+
+        return softplus32
+    if x == types.float64:
+        c = tuple(1 / (2 * k + 1) for k in range(18))
+
+        def softplus64(x):
+            e = fast_exp(-abs(x))
+            s = e / (2.0 + e)
+            s2 = s * s
+            p = c[17] * s2 + c[16]
+            p = p * s2 + c[15]
+            p = p * s2 + c[14]
+            p = p * s2 + c[13]
+            p = p * s2 + c[12]
+            p = p * s2 + c[11]
+            p = p * s2 + c[10]
+            p = p * s2 + c[9]
+            p = p * s2 + c[8]
+            p = p * s2 + c[7]
+            p = p * s2 + c[6]
+            p = p * s2 + c[5]
+            p = p * s2 + c[4]
+            p = p * s2 + c[3]
+            p = p * s2 + c[2]
+            p = p * s2 + c[1]
+            p = p * s2 + c[0]
+            return x if x > 20.0 else max(x, 0.0) + 2.0 * s * p
+
+        return softplus64
     return None

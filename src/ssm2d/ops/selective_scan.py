@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .chunked_scan import chunked_scan, default_chunk_size
 from .fused_scan import fused_scan
+from .fused_softplus import fused_softplus
 
 try:
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_selective_scan_fn
@@ -85,10 +86,13 @@ def _grouped(t: Tensor) -> Tensor:
     return t.unsqueeze(1) if t.ndim == 3 else t
 
 
-def _step_sizes(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:
+def _step_sizes(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool, fused: bool = False) -> Tensor:
+    """delta (+ bias) (-> softplus); `fused`: the numba softplus (CPU, float32/float64)."""
     if delta_bias is not None:
         delta = delta + delta_bias[:, None]
-    return F.softplus(delta) if delta_softplus else delta
+    if not delta_softplus:
+        return delta
+    return fused_softplus(delta) if fused else F.softplus(delta)
 
 
 def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
@@ -263,8 +267,9 @@ def selective_scan(
     uf, Af = u.to(dtype), A.to(dtype)
     Df, zf, bias = (None if t is None else t.to(dtype) for t in (D, z, delta_bias))
     Bg, Cg = _grouped(B).to(dtype), _grouped(C).to(dtype)
-    dt = _step_sizes(delta.to(dtype), bias, delta_softplus)
-    if u.device.type == "cpu" and chunk_size is None:
+    fused = u.device.type == "cpu" and chunk_size is None
+    dt = _step_sizes(delta.to(dtype), bias, delta_softplus, fused)
+    if fused:
         Bt, Ct = (t.transpose(-1, -2).contiguous() for t in (Bg, Cg))  # (B, G, L, N): a step's states adjacent
         Dc = None if Df is None else Df.contiguous()
         y, last = fused_scan(uf, dt, Af.contiguous(), Bt, Ct, Dc, zf)  # u, dt, z: any strides
