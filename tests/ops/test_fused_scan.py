@@ -21,7 +21,7 @@ from test_selective_scan import LAYOUTS, NAMES, check_against_ref, random_inputs
 
 from ssm2d.ops import selective_scan
 from ssm2d.ops.fast_exp import fast_exp
-from ssm2d.ops.fused_scan import CHECKPOINT_STEPS
+from ssm2d.ops.fused_scan import CHECKPOINT_STEPS, MAX_LANES, lanes
 
 scan_module = importlib.import_module("ssm2d.ops.selective_scan")
 F64 = torch.float64
@@ -144,6 +144,17 @@ def test_chunked_double_backward_raises_a_clear_error():
     (gu,) = torch.autograd.grad(out.square().sum(), inputs[0], create_graph=True)
     with pytest.raises(RuntimeError, match=r"selective_scan \(chunked\): double backward.*fast_path = False"):
         gu.sum().backward()
+
+
+@pytest.mark.parametrize(
+    ("d", "groups_b", "groups_c", "expected"),
+    [(128, 1, 1, 64), (192, 1, 1, 64), (160, 4, 4, 40), (320, 4, 1, 40), (96, 2, 3, 16), (6, 2, 3, 1), (7, 1, 1, 7)],
+)
+def test_lanes_never_straddle_a_group(d, groups_b, groups_c, expected):
+    """W divides the channels that share one group of B and one of C, and is the largest such <= MAX_LANES."""
+    w = lanes(d, groups_b, groups_c)
+    assert w == expected and w <= MAX_LANES
+    assert (d // groups_b) % w == 0 and (d // groups_c) % w == 0
 
 
 @numba.njit

@@ -302,8 +302,10 @@ def render_results(payload: dict[str, Any], docs: str | Path, readme: str | Path
         f"`{payload['command'] or 'ssm2d study ' + payload['config']}` ({len(runs)} finished runs; "
         f"{'QUICK smoke run, not a result' if payload['quick'] else 'seeds ' + str(payload['seeds'])}). "
         f"One recipe for every arm: {recipe}. Accuracies are on {images}, mean ± std over seeds; "
-        "'final' is the last epoch, 'best' the best epoch (optimistic). Arms still running are marked "
-        "'in progress (n of m)' and their comparisons are undecided.", "",
+        "'final' is the last epoch, 'best' the best epoch (optimistic). 's / epoch' is the wall time of "
+        "a training epoch as the run went, on a machine that may have had other work: a rough cost; the "
+        "side-by-side timings of [benchmarks.md](benchmarks.md) are the controlled ones. Arms still running "
+        "are marked 'in progress (n of m)' and their comparisons are undecided.", "",
     ]  # fmt: skip
     sections = [_experiment_section(payload, name, docs / "img", "img") for name in payload["experiments"]]
     text = "\n".join(intro) + "\n" + "\n".join(sections) + "\n" + _papers_section()
