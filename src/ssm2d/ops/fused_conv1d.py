@@ -16,6 +16,12 @@ gradients per block, summed afterwards.
 Why: `F.conv1d` with groups=D is fast forward, but its backward goes through the generic
 `convolution_backward`, which in a `vit_mini_28_v2m` training step (batch 64) took 12 % of
 the time, twice the selective scan's forward (torch.profiler, after the scan was fused).
+Forward + backward with SiLU against `F.conv1d` + `F.silu` with autograd, on contiguous
+(B, D, L) inputs (so this path pays a transposing copy), medians of 15 repetitions on 2 quiet
+cores, float32: 0.41x the time at (B, D, L) = (64, 128, 49) (a Vim direction at batch 64),
+0.36x at (448, 32, 7), 0.20x at (1792, 32, 7) (a V2M pass of `v2m_mini_28`) and 0.59x at
+(2, 192, 3136). The first kernel, one scalar loop over t per (batch, channel) row, took 1.44x
+and 1.98x of `F.conv1d` at the first and last shapes.
 """
 
 from __future__ import annotations
