@@ -226,6 +226,18 @@ def test_resume_repeats_no_finished_run(tmp_path, data_dir):
     assert [r["img_size"] for r in more["runs"]["vit_mini_28_ssm2d/seed1"]["evaluations"]["resolution"]] == [36, 44]
 
 
+def test_models_restricts_the_runs_within_only(tmp_path, data_dir):
+    """--models trains only the named models' runs, inside the --only experiments; unknown names are refused."""
+    plan = load_study(_study_file(tmp_path, data_dir, seeds=[0]))
+    calls: list[str] = []
+    run_study(plan, tmp_path / "s", only=["pe"], models=["vit_mini_28_s4nd"], train_fn=_counting(calls))
+    assert calls == []  # s4nd is not a model of pe
+    payload = run_study(plan, tmp_path / "s", models=["vit_mini_28_s4nd"], train_fn=_counting(calls))
+    assert calls == ["vit_mini_28_s4nd/seed0"] and list(payload["runs"]) == ["vit_mini_28_s4nd/seed0"]
+    with pytest.raises(ConfigError, match="--models: unknown models vim_mini_28; the study trains vit_mini_28, "):
+        run_study(plan, tmp_path / "s", models=["vim_mini_28"])
+
+
 def test_changed_recipe_is_refused(tmp_path, data_dir):
     plan = load_study(_study_file(tmp_path, data_dir))
     one = {"experiments": {"pe": {"claim": "c", "models": ["vit_mini_28"]}}}

@@ -33,19 +33,16 @@ from torch import Tensor
 
 from .fast_exp import fast_exp
 from .first_order import first_order_only
-from .numba_arrays import as_array, use_torch_threads
+from .numba_arrays import FASTMATH, as_array, use_torch_threads
 
 __all__ = ["fused_causal_conv1d"]
 
-
-# Reassociation lets LLVM vectorise the sums; NaN and infinity keep IEEE semantics.
-_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
 # TC: steps per parallel block of the backward; each block recomputes W - 1 steps of the next.
 _BACKWARD_STEPS = 64
 
 
-@numba.njit(inline="always", fastmath=_FASTMATH)
+@numba.njit(inline="always", fastmath=FASTMATH)
 def _pre_activation(x, weight, bias, has_bias, b, t, p):
     """p (D,) = bias + the causal sum at step t of batch row b."""
     width = weight.shape[0]
@@ -61,7 +58,7 @@ def _pre_activation(x, weight, bias, has_bias, b, t, p):
                 p[j] += wk[j] * xs[j]
 
 
-@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _forward_kernel(x, weight, bias, has_bias, silu, out):
     """out (B, L, D) from x (B, L, D), weight (W, D), bias (D,) (empty when not has_bias)."""
     nb, length, nd = x.shape
@@ -74,7 +71,7 @@ def _forward_kernel(x, weight, bias, has_bias, silu, out):
                 p[j] = p[j] / (1 + fast_exp(-p[j]))
 
 
-@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _backward_kernel(x, weight, bias, has_bias, silu, TC, gout, gx, gw_items, gbias_items):
     """gx (B, L, D); gw_items (B K, W, D) and gbias_items (B K, D), one slice per block of TC
     steps (K = ceil(L / TC)); from the upstream gradient gout (B, L, D)."""

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from .fast_exp import fast_exp
 from .first_order import first_order_only
-from .numba_arrays import as_array, use_torch_threads
+from .numba_arrays import FASTMATH, as_array, use_torch_threads
 
 __all__ = ["CHECKPOINT_STEPS", "MAX_LANES", "fused_scan", "lanes"]
 
@@ -57,11 +57,6 @@ CHECKPOINT_STEPS = 16
 # the recompute buffers above in L2.
 MAX_LANES = 64
 
-# Floating-point freedoms for the kernels: reassociation lets LLVM vectorise the sums over the
-# lanes (the gradients of B and C), contraction gives FMAs. NaN and infinity keep IEEE
-# semantics (no nnan/ninf).
-_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
-
 
 def lanes(d: int, groups_b: int, groups_c: int) -> int:
     """W: the largest divisor, at most `MAX_LANES`, of the channels that share one group of B and
@@ -70,7 +65,7 @@ def lanes(d: int, groups_b: int, groups_c: int) -> int:
     return max(w for w in range(1, min(seg, MAX_LANES) + 1) if seg % w == 0)
 
 
-@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _forward_kernel(u, dts, A, Bt, Ct, Dskip, z, has_D, has_z, T, out, ypre, ckpt, last):
     """Fill out, ypre (B, L, P, W) (ypre: the ungated y, when has_z), ckpt (B, K, P, N, W) and
     last (B, P, N, W).
@@ -118,7 +113,7 @@ def _forward_kernel(u, dts, A, Bt, Ct, Dskip, z, has_D, has_z, T, out, ypre, ckp
         last[b, p] = h
 
 
-@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _backward_kernel(
     u, dts, A, Bt, Ct, Dskip, z, has_D, has_z, T, ckpt, ypre, gout, glast, has_glast,
     gu, gdt_out, gz, gA_items, gD_items, gB_parts, gC_parts,

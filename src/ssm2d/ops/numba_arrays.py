@@ -1,4 +1,5 @@
-"""Handing torch CPU tensors to numba kernels: numpy views and the thread count."""
+"""Handing torch CPU tensors to numba kernels: numpy views, the thread count, and the kernels'
+floating-point flags."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["as_array", "use_torch_threads"]
+__all__ = ["FASTMATH", "as_array", "use_torch_threads"]
+
+# The kernels' floating-point freedoms (`numba.njit(fastmath=FASTMATH)`): reassociation lets LLVM
+# vectorise sums (over lanes or time steps), contraction gives FMAs. NaN and infinity keep IEEE
+# semantics (no nnan/ninf).
+FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
 
 def as_array(t: Tensor | None, like: Tensor, ndim: int) -> np.ndarray:
