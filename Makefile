@@ -38,7 +38,9 @@ demo: $(STAMP) data
 
 # The study of docs/results.md (configs/study.yaml, about 4 hours on 2 CPU cores): resumable, so
 # run it again after a kill; it takes over the finished runs of a committed docs/results.json.
-# It rewrites docs/results.md, docs/results.json, docs/img/ and README's study-results block.
+# It rewrites docs/results.md, docs/results.json, docs/img/ and README's study-results block. At the
+# end it times the training step of every arm not timed yet (the report's fair s / epoch column);
+# `make study STUDY_FLAGS=--timing` times them all again and trains nothing.
 study: $(STAMP) data
 	$(PY) -m ssm2d study configs/study.yaml --output outputs/study $(if $(wildcard docs/results.json),--resume-from docs/results.json) $(STUDY_FLAGS)
 

@@ -39,7 +39,7 @@ from .train import (
     shutdown_distributed,
     train,
 )
-from .train.study import run_study
+from .train.study import run_study, time_study
 from .train.study_config import load_study
 from .train.study_report import render_results
 from .viz import layer_kernel_panels, model_kernel_panels, save_kernel_heatmaps
@@ -139,6 +139,8 @@ def _study(args: argparse.Namespace, extra: list[str]) -> None:
         raise ConfigError(f"unrecognized arguments: {' '.join(extra)}")
     if args.output is None and not args.quick:
         raise ConfigError("--output: expected the study's folder (only --quick defaults to a temporary one)")
+    if args.timing and args.render_only:
+        raise ConfigError("--timing: it times the models into OUTPUT/study.json; it does not go with --render-only")
     output = Path(args.output or tempfile.mkdtemp(prefix="ssm2d_study_quick_"))
     # --quick is a smoke test: its report goes next to its runs, never into docs/ or README.md.
     docs = output / "docs" if args.quick else Path(args.docs)
@@ -148,7 +150,8 @@ def _study(args: argparse.Namespace, extra: list[str]) -> None:
     else:
         plan = load_study(args.config, quick=args.quick)
         command = "ssm2d " + " ".join(args.argv)
-        payload = run_study(plan, output, only=args.only, models=args.models, resume_from=args.resume_from, command=command)
+        study = time_study if args.timing else run_study
+        payload = study(plan, output, only=args.only, models=args.models, resume_from=args.resume_from, command=command)
     path = render_results(payload, docs, readme)
     print(f"wrote {output / 'study.json'}, {path}, {docs / 'results.json'} and {docs / 'img'}/"
           + (f"; updated {readme}" if readme else ""))
@@ -287,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume-from", help="a study.json (e.g. docs/results.json) whose finished runs are taken over")
     s.add_argument("--render-only", action="store_true", help="render the report from OUTPUT/study.json (or "
                    "--resume-from) without training")
+    s.add_argument("--timing", action="store_true", help="train nothing: time the training step of the models "
+                   "(within --only and --models) side by side, merge the times into OUTPUT/study.json and render "
+                   "(a normal run times the models that have no time yet at its end)")
     s.add_argument("--docs", default="docs", help="folder for results.md, results.json and img/ (default docs)")
     s.add_argument("--readme", default="README.md", help="file whose study-results block is updated (default README.md; "
                    "skipped when it does not exist)")

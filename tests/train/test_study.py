@@ -7,9 +7,11 @@ lack of Fashion-MNIST; only the --quick smoke test of configs/study.yaml needs t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,10 +23,16 @@ from dataset_files import make_idx  # noqa: E402
 from ssm2d.cli import main  # noqa: E402
 from ssm2d.data import DatasetError, dataset_info  # noqa: E402
 from ssm2d.train import ConfigError, train  # noqa: E402
-from ssm2d.train.study import run_study  # noqa: E402
+from ssm2d.train import study_timing  # noqa: E402
+from ssm2d.train.study import run_study, time_study  # noqa: E402
 from ssm2d.train.study_config import load_study  # noqa: E402
 from ssm2d.train.study_evals import spectrum_summary  # noqa: E402
-from ssm2d.train.study_report import arm_rows, paired, render_results, summary_sentence, table, verdict  # noqa: E402
+from ssm2d.train.study_report import (  # noqa: E402
+    UNTIMED_NOTE, arm_rows, cost_text, paired, render_results, summary_sentence, table, verdict,
+)
+from ssm2d.train.study_timing import (  # noqa: E402
+    TimingSettings, time_training_steps, timing_key, train_steps_per_epoch,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPE = dict(dataset="fashion_mnist", epochs=1, batch_size=8, lr=1e-3, warmup_epochs=0.0, mixup=0.0, cutmix=0.0,
               auto_augment=None, re_prob=0.0, repeated_aug=1, drop_path=0.0, crop_padding=0, hflip=0.0,
               label_smoothing=0.0, workers=0, val_batch_size=20)  # fmt: skip
+TINY = TimingSettings(rounds=1, steps=1, warmup=0)  # the closing timing pass at its cheapest
 
 
 def _study_file(tmp_path: Path, data_dir: Path, **changes) -> Path:
@@ -144,6 +153,7 @@ def _without_timings(payload: dict) -> dict:
         for row in record["history"]:
             row.pop("epoch_seconds")
     payload.pop("command")
+    payload.pop("timing")
     return payload
 
 
@@ -166,8 +176,20 @@ def test_resume_repeats_no_finished_run(tmp_path, data_dir):
     plan = load_study(_study_file(tmp_path, data_dir, seeds=[1]))  # 4 unique runs, one shared by 3 experiments
     assert len(plan.runs) == 4
     full_calls: list[str] = []
-    full = run_study(plan, tmp_path / "full", train_fn=_counting(full_calls))
+    full = run_study(plan, tmp_path / "full", train_fn=_counting(full_calls), timing_settings=TINY)
     assert full_calls == list(plan.runs)  # every unique run once
+    # ...then one timing pass over the arms' models (a train_fraction arm is its model's step).
+    timing = full["timing"]
+    assert list(timing["models"]) == ["vit_mini_28", "vit_mini_28_ssm2d", "vit_mini_28_s4nd"]
+    assert {k: timing[k] for k in ("batch_size", "rounds", "steps", "warmup", "reference")} == {
+        "batch_size": 8, "rounds": 1, "steps": 1, "warmup": 0, "reference": "vit_mini_28"}
+    assert timing["threads"] == torch.get_num_threads() and timing["models"]["vit_mini_28"]["ratio"] == 1.0
+    assert all(e["step_seconds"] > 0 for e in timing["models"].values())
+    assert json.loads((tmp_path / "full" / "study.json").read_text())["timing"] == timing
+    # steps_per_epoch: the trainer's own record (config.yaml); 40 images / batch 8, 20 at fraction 0.5.
+    assert {run_id: r["steps_per_epoch"] for run_id, r in full["runs"].items()} == {
+        "vit_mini_28/seed1": 5, "vit_mini_28_ssm2d/seed1": 5, "vit_mini_28/train_fraction=0.5/seed1": 2,
+        "vit_mini_28_s4nd/seed1": 5}  # fmt: skip
 
     calls: list[str] = []
     with pytest.raises(_Interrupt):
@@ -175,14 +197,16 @@ def test_resume_repeats_no_finished_run(tmp_path, data_dir):
     saved = json.loads((tmp_path / "cut" / "study.json").read_text())
     assert list(saved["runs"]) == list(plan.runs)[:2]  # written after every finished run
     again: list[str] = []
-    resumed = run_study(plan, tmp_path / "cut", train_fn=_counting(again))
+    resumed = run_study(plan, tmp_path / "cut", train_fn=_counting(again), timing_settings=TINY)
     assert again == list(plan.runs)[2:]
     assert _without_timings(resumed) == _without_timings(full)
 
-    # Nothing left: a third call trains nothing and changes nothing.
+    # Nothing left: a third call trains nothing, times nothing and changes nothing.
+    cut_timing = resumed["timing"]
     nothing: list[str] = []
-    assert _without_timings(run_study(plan, tmp_path / "cut", train_fn=_counting(nothing))) == _without_timings(full)
-    assert nothing == []
+    again_payload = run_study(plan, tmp_path / "cut", train_fn=_counting(nothing), timing_settings=TINY)
+    assert _without_timings(again_payload) == _without_timings(full) and nothing == []
+    assert again_payload["timing"] == cut_timing
 
     # The records carry what the report needs.
     record = full["runs"]["vit_mini_28_ssm2d/seed1"]
@@ -204,8 +228,9 @@ def test_resume_repeats_no_finished_run(tmp_path, data_dir):
     # --resume-from: a fresh folder seeded from the finished study trains nothing.
     seeded: list[str] = []
     copy_of = run_study(plan, tmp_path / "seeded", resume_from=tmp_path / "full" / "study.json",
-                        train_fn=_counting(seeded))  # fmt: skip
+                        train_fn=_counting(seeded), timing_settings=TINY)  # fmt: skip
     assert seeded == [] and _without_timings(copy_of) == _without_timings(full)
+    assert copy_of["timing"] == full["timing"]  # taken over, and nothing left to time
 
     # --only: an added arm trains alone.
     grown = _study_file(tmp_path, data_dir)
@@ -214,14 +239,17 @@ def test_resume_repeats_no_finished_run(tmp_path, data_dir):
     study["experiments"]["pe"]["models"].append("vit_mini_28_dwconv")
     grown.write_text(yaml.safe_dump(study, sort_keys=False))
     added: list[str] = []
-    run_study(load_study(grown), tmp_path / "full", only=["pe"], train_fn=_counting(added))
+    run_study(load_study(grown), tmp_path / "full", only=["pe"], train_fn=_counting(added), timing_settings=TINY)
     assert added == ["vit_mini_28_dwconv/seed1"]
+    grown_timing = json.loads((tmp_path / "full" / "study.json").read_text())["timing"]["models"]
+    assert list(grown_timing) == ["vit_mini_28", "vit_mini_28_ssm2d", "vit_mini_28_s4nd", "vit_mini_28_dwconv"]
+    assert {k: v for k, v in grown_timing.items() if k != "vit_mini_28_dwconv"} == timing["models"]  # only it, timed
 
     # A new evaluation size runs on the finished runs' weights, without training them again.
     study["experiments"]["rank"]["evaluations"]["resolution"]["sizes"] = [36, 44]
     grown.write_text(yaml.safe_dump(study, sort_keys=False))
     evaluated: list[str] = []
-    more = run_study(load_study(grown), tmp_path / "full", train_fn=_counting(evaluated))
+    more = run_study(load_study(grown), tmp_path / "full", train_fn=_counting(evaluated), timing_settings=TINY)
     assert evaluated == []
     assert [r["img_size"] for r in more["runs"]["vit_mini_28_ssm2d/seed1"]["evaluations"]["resolution"]] == [36, 44]
 
@@ -230,10 +258,13 @@ def test_models_restricts_the_runs_within_only(tmp_path, data_dir):
     """--models trains only the named models' runs, inside the --only experiments; unknown names are refused."""
     plan = load_study(_study_file(tmp_path, data_dir, seeds=[0]))
     calls: list[str] = []
-    run_study(plan, tmp_path / "s", only=["pe"], models=["vit_mini_28_s4nd"], train_fn=_counting(calls))
-    assert calls == []  # s4nd is not a model of pe
-    payload = run_study(plan, tmp_path / "s", models=["vit_mini_28_s4nd"], train_fn=_counting(calls))
+    nothing = run_study(plan, tmp_path / "s", only=["pe"], models=["vit_mini_28_s4nd"], train_fn=_counting(calls),
+                        timing_settings=TINY)  # fmt: skip
+    assert calls == [] and nothing["timing"] is None  # s4nd is not a model of pe: nothing to train or time
+    payload = run_study(plan, tmp_path / "s", models=["vit_mini_28_s4nd"], train_fn=_counting(calls),
+                        timing_settings=TINY)  # fmt: skip
     assert calls == ["vit_mini_28_s4nd/seed0"] and list(payload["runs"]) == ["vit_mini_28_s4nd/seed0"]
+    assert list(payload["timing"]["models"]) == ["vit_mini_28", "vit_mini_28_s4nd"]  # and the reference
     with pytest.raises(ConfigError, match="--models: unknown models vim_mini_28; the study trains vit_mini_28, "):
         run_study(plan, tmp_path / "s", models=["vim_mini_28"])
 
@@ -241,7 +272,7 @@ def test_models_restricts_the_runs_within_only(tmp_path, data_dir):
 def test_changed_recipe_is_refused(tmp_path, data_dir):
     plan = load_study(_study_file(tmp_path, data_dir))
     one = {"experiments": {"pe": {"claim": "c", "models": ["vit_mini_28"]}}}
-    run_study(load_study(_study_file(tmp_path, data_dir, seeds=[0], **one)), tmp_path / "a")
+    run_study(load_study(_study_file(tmp_path, data_dir, seeds=[0], **one)), tmp_path / "a", timing_settings=TINY)
     changed = _study_file(tmp_path, data_dir, seeds=[0], recipe={**RECIPE, "data_dir": str(data_dir), "lr": 2e-3}, **one)
     with pytest.raises(ConfigError, match=r"study.json: run vit_mini_28/seed0 in .* another config \(lr: 0.001 -> 0.002\)"):
         run_study(load_study(changed), tmp_path / "a")
@@ -284,11 +315,12 @@ def _payload() -> dict:
 
 
 def test_rendered_numbers_come_from_the_records(tmp_path):
-    payload = _payload()
+    payload = _payload()  # of an older ssm2d: no timing pass, no steps_per_epoch: the wall times, marked
     lines = table(payload, "exp").splitlines()
-    assert lines[2] == "| `a` | 2.000M | 80.00 ± 1.00 | 81.00 ± 1.00 | 11.0 | 3 |"
-    assert lines[3] == "| `b` | 0.001M | 78.00 ± 0.00 | 79.00 ± 0.00 | 11.0 | 3 |"
-    assert lines[4] == "| `c` | 0.001M | 71.00 ± 1.41 | 71.00 ± 1.41 | 10.5 | in progress (2 of 3) |"
+    assert lines[2] == "| `a` | 2.000M | 80.00 ± 1.00 | 81.00 ± 1.00 | 11.0\\* |  | 3 |"
+    assert lines[3] == "| `b` | 0.001M | 78.00 ± 0.00 | 79.00 ± 0.00 | 11.0\\* |  | 3 |"
+    assert lines[4] == "| `c` | 0.001M | 71.00 ± 1.41 | 71.00 ± 1.41 | 10.5\\* |  | in progress (2 of 3) |"
+    assert lines[5:] == ["", UNTIMED_NOTE]
 
     pair = paired(arm_rows(payload, "exp"), "a", "b")
     assert (pair["n"], pair["mean"], pair["signs"], pair["complete"]) == (3, 2.0, "+++", True)
@@ -305,7 +337,8 @@ def test_rendered_numbers_come_from_the_records(tmp_path):
                       "<!-- END study-results -->\n\n## Layout\n")  # fmt: skip
     path = render_results(payload, tmp_path / "docs", readme)
     text = path.read_text()
-    assert "| `a` | 2.000M | 80.00 ± 1.00 | 81.00 ± 1.00 | 11.0 | 3 |" in text
+    assert "| `a` | 2.000M | 80.00 ± 1.00 | 81.00 ± 1.00 | 11.0\\* |  | 3 |" in text
+    assert "'s / epoch' is the wall time of an epoch (training and evaluation) as the run went" in text
     assert "`a` - `b` (final_acc1; expected above): +2.00 ± 1.00 points over 3 seeds (per seed: +++): **holds**" in text
     assert "in progress (2 of 3)" in text and "80.12" in text  # the paper's Swin CIFAR-100 number
     assert (tmp_path / "docs" / "img" / "exp.png").stat().st_size > 0
@@ -322,6 +355,139 @@ def test_rendered_numbers_come_from_the_records(tmp_path):
     text = fresh.read_text()
     assert text.startswith("# x\n\n## Results\n\n<!-- BEGIN study-results (generated, do not edit) -->\nFrom `ssm2d")
     assert text.endswith("<!-- END study-results -->\n\nThe demo.\n\n## Layout\n")
+
+
+def test_table_costs_an_arm_by_its_timed_step(tmp_path):
+    """s / epoch = the timing entry's step time x the runs' steps per epoch; an arm without an
+    entry keeps its wall time, marked, with the note under the table."""
+    payload = _payload()
+    for exp in payload["experiments"].values():
+        for arm in exp["arms"]:
+            arm["timed_as"] = {"a": "a", "b": "b [n_ssm=1]", "c": "c"}[arm["model"]]
+    for record in payload["runs"].values():
+        record["steps_per_epoch"] = 40
+    payload["timing"] = {
+        "batch_size": 128, "threads": 2, "rounds": 3, "steps": 5, "warmup": 2, "reference": "a",
+        "command": "ssm2d study study.yaml --output out --timing",
+        "models": {"a": {"step_seconds": 0.25, "ratio": 1.0}, "b [n_ssm=1]": {"step_seconds": 0.5, "ratio": 2.0}},
+    }  # fmt: skip
+    lines = table(payload, "exp").splitlines()
+    assert lines[2] == "| `a` | 2.000M | 80.00 ± 1.00 | 81.00 ± 1.00 | 10.0 | 1.00 | 3 |"  # 0.25 s x 40 steps
+    assert lines[3] == "| `b` | 0.001M | 78.00 ± 0.00 | 79.00 ± 0.00 | 20.0 | 2.00 | 3 |"
+    assert lines[4] == "| `c` | 0.001M | 71.00 ± 1.41 | 71.00 ± 1.41 | 10.5\\* |  | in progress (2 of 3) |"
+    assert lines[5:] == ["", UNTIMED_NOTE]
+    assert table(payload, "neg").splitlines()[2:] == [  # every arm timed: no note
+        "| `a` | 2.000M | 80.00 ± 1.00 | 81.00 ± 1.00 | 10.0 | 1.00 | 3 |",
+        "| `b` | 0.001M | 78.00 ± 0.00 | 79.00 ± 0.00 | 20.0 | 2.00 | 3 |"]
+    rows = arm_rows(payload, "exp")
+    assert [(r["timed"], r["seconds"], r["ratio"]) for r in rows] == [(True, 10.0, 1.0), (True, 20.0, 2.0),
+                                                                       (False, 10.5, None)]  # fmt: skip
+    text = cost_text(payload)
+    assert "one synthetic batch of 128 images; no data loading, no evaluation) times the run's steps per epoch" in text
+    assert "2 warm-up steps of each, then 3 rounds that each time 5 steps of every model in turn" in text
+    assert "at 2 threads. '× ref' is that time over `a`'s in the same pass" in text
+    assert text.endswith("Last timing pass: `ssm2d study study.yaml --output out --timing`.")
+    assert text in render_results(payload, tmp_path / "docs").read_text()
+
+
+def test_time_training_steps_alternates_rounds_and_keeps_the_fastest(monkeypatch):
+    """Warm-up of every model, then rounds of `steps` steps of each model in turn; the step time is
+    the minimum over rounds of a round's mean (on a fake clock)."""
+    clock = [0.0]
+    calls: list[tuple[str, int]] = []
+    per_step = {"ref": [3.0, 1.0, 2.0], "other": [6.0, 2.5, 5.0]}  # seconds per step in rounds 1, 2, 3
+
+    def fake_runner(cfg, seed):
+        def run(steps: int) -> None:
+            timed = sum(1 for name, _ in calls if name == cfg.model) - 1  # the first call is the warm-up
+            calls.append((cfg.model, steps))
+            clock[0] += 100.0 if timed < 0 else per_step[cfg.model][timed] * steps
+
+        return run
+
+    monkeypatch.setattr(study_timing, "_step_runner", fake_runner)
+    monkeypatch.setattr(study_timing, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    configs = {"ref": SimpleNamespace(model="ref"), "other": SimpleNamespace(model="other")}
+    result = time_training_steps(configs, "ref", TimingSettings(rounds=3, steps=4, warmup=2))
+    assert calls == [("ref", 2), ("other", 2)] + [("ref", 4), ("other", 4)] * 3
+    assert result == {"ref": {"step_seconds": 1.0, "ratio": 1.0}, "other": {"step_seconds": 2.5, "ratio": 2.5}}
+    with pytest.raises(ValueError, match="reference: expected one of the timed models ref, other, got 'vit'"):
+        time_training_steps(configs, "vit")
+    with pytest.raises(ValueError, match="rounds: expected an integer >= 1, got 0"):
+        TimingSettings(rounds=0)
+    with pytest.raises(ValueError, match="warmup: expected an integer >= 0, got -1"):
+        TimingSettings(warmup=-1)
+
+
+def test_time_training_steps_of_tiny_models(tmp_path, data_dir):
+    """The real step of the smallest models at batch 4: positive times, the reference's ratio 1."""
+    plan = load_study(_study_file(tmp_path, data_dir, seeds=[0]))
+    configs = {name: dataclasses.replace(plan.runs[f"{name}/seed0"].config, batch_size=4)
+               for name in ("vit_mini_28", "vit_mini_28_ssm2d")}  # fmt: skip
+    result = time_training_steps(configs, "vit_mini_28", TimingSettings(rounds=1, steps=1, warmup=1))
+    assert list(result) == ["vit_mini_28", "vit_mini_28_ssm2d"]
+    assert all(0 < entry["step_seconds"] < 60 for entry in result.values())
+    assert result["vit_mini_28"]["ratio"] == 1.0
+    ssm2d = result["vit_mini_28_ssm2d"]
+    assert ssm2d["ratio"] == pytest.approx(ssm2d["step_seconds"] / result["vit_mini_28"]["step_seconds"])
+    assert timing_key("vit_mini_28", {"train_fraction": 0.1}) == "vit_mini_28"  # not a step cost
+    assert timing_key("vit_mini_28_ssm2d", {"model_kwargs": {"layer_kwargs": {"state_dim": 64}}}) == (
+        "vit_mini_28_ssm2d [state_dim=64]")
+    assert timing_key("vit_mini_28", {"batch_size": 64, "train_fraction": 0.1}) == "vit_mini_28 [batch_size=64]"
+
+
+def test_steps_per_epoch_of_records_without_it(tmp_path, data_dir, monkeypatch):
+    """Records of an older ssm2d get steps_per_epoch: from the run's config.yaml, else by the trainer's rule."""
+    plan = load_study(_study_file(tmp_path, data_dir, seeds=[0], experiments={
+        "fraction": {"claim": "data", "models": ["vit_mini_28"], "settings": [{"train_fraction": 0.5}, {}]}}))
+    run_study(plan, tmp_path / "a", timing_settings=TINY)
+    old = json.loads((tmp_path / "a" / "study.json").read_text())
+    for record in old["runs"].values():
+        del record["steps_per_epoch"]
+    del old["timing"]
+    (tmp_path / "a" / "study.json").write_text(json.dumps(old))
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    expected = {"vit_mini_28/train_fraction=0.5/seed0": 2, "vit_mini_28/seed0": 5}  # 20 and 40 images, batch 8
+    assert train_steps_per_epoch(plan.runs["vit_mini_28/train_fraction=0.5/seed0"].config) == 2
+    with monkeypatch.context() as patch:  # the runs' folders hold it: the data set is not read
+        patch.setattr("ssm2d.train.study.train_steps_per_epoch", None)
+        payload = time_study(plan, tmp_path / "a", timing_settings=TINY)
+    assert {run_id: r["steps_per_epoch"] for run_id, r in payload["runs"].items()} == expected
+    payload = time_study(plan, tmp_path / "b", resume_from=tmp_path / "old.json", timing_settings=TINY)
+    assert {run_id: r["steps_per_epoch"] for run_id, r in payload["runs"].items()} == expected
+    assert not (tmp_path / "b" / "runs").exists()  # no run folders: computed from the data set; nothing trained
+
+
+def test_timing_flag_merges_entries_and_trains_nothing(tmp_path, data_dir, capsys):
+    """`ssm2d study --timing`: times the planned models (within --models), merges them into the
+    timing object of OUTPUT/study.json, renders, and trains nothing."""
+    path = _study_file(tmp_path, data_dir)
+    out = tmp_path / "out"
+    main(["study", str(path), "--quick", "--output", str(out), "--timing", "--models", "vit_mini_28_ssm2d"])
+    first = json.loads((out / "study.json").read_text())
+    assert first["runs"] == {} and not (out / "runs").exists()
+    timing = first["timing"]
+    assert (timing["rounds"], timing["steps"], timing["warmup"]) == (1, 1, 1)  # --quick: QUICK_TIMING
+    assert list(timing["models"]) == ["vit_mini_28", "vit_mini_28_ssm2d"]  # the reference comes along
+    assert timing["command"].endswith("--timing --models vit_mini_28_ssm2d")
+    assert first["command"] == timing["command"]  # no study.json before: no training command to keep
+    assert timing["models"]["vit_mini_28"]["ratio"] == 1.0 and timing["models"]["vit_mini_28_ssm2d"]["ratio"] > 0
+    assert "Last timing pass: `ssm2d study" in (out / "docs" / "results.md").read_text()
+
+    main(["study", str(path), "--quick", "--output", str(out), "--timing", "--models", "vit_mini_28_s4nd"])
+    second = json.loads((out / "study.json").read_text())
+    assert second["command"] == first["command"] and second["timing"]["command"].endswith("vit_mini_28_s4nd")
+    merged = second["timing"]["models"]
+    assert list(merged) == ["vit_mini_28", "vit_mini_28_ssm2d", "vit_mini_28_s4nd"]
+    assert {k: merged[k] for k in ("vit_mini_28", "vit_mini_28_ssm2d")} == timing["models"]  # kept as they were
+
+    # Timed otherwise (2 steps a round): the old entries are not mixed with the new ones.
+    again = time_study(load_study(path, quick=True), out, models=["vit_mini_28_s4nd"],
+                       timing_settings=TimingSettings(rounds=1, steps=2, warmup=0))  # fmt: skip
+    assert list(again["timing"]["models"]) == ["vit_mini_28", "vit_mini_28_s4nd"] and again["timing"]["steps"] == 2
+
+    with pytest.raises(SystemExit, match="--timing: it times the models into OUTPUT/study.json; it does not go with"):
+        main(["study", str(path), "--output", str(out), "--timing", "--render-only"])
 
 
 def test_spectrum_summary_of_known_kernels():
@@ -348,6 +514,7 @@ def test_quick_study_of_the_shipped_config(tmp_path, capsys, monkeypatch):
     payload = json.loads((out / "study.json").read_text())
     plan = load_study(ROOT / "configs" / "study.yaml", quick=True)
     assert list(payload["runs"]) == list(plan.runs) and payload["quick"] is True
+    assert payload["timing"] is None  # --quick skips the timing pass (`--quick --timing` runs it alone)
     assert (out / "docs" / "results.md").is_file() and (out / "docs" / "img" / "spatial_layers.png").is_file()
     assert not (tmp_path / "docs").exists() and not (tmp_path / "README.md").exists()
     assert "QUICK smoke run" in (out / "docs" / "results.md").read_text()
@@ -357,7 +524,7 @@ def test_run_killed_mid_training_resumes_from_last_pt(tmp_path, data_dir, monkey
     one = {"experiments": {"pe": {"claim": "c", "models": ["vit_mini_28"]}}}
     recipe = {**RECIPE, "data_dir": str(data_dir), "epochs": 2}
     plan = load_study(_study_file(tmp_path, data_dir, seeds=[0], recipe=recipe, **one))
-    whole = run_study(plan, tmp_path / "whole")
+    whole = run_study(plan, tmp_path / "whole", timing_settings=TINY)
 
     from ssm2d.train import trainer
 
@@ -375,7 +542,7 @@ def test_run_killed_mid_training_resumes_from_last_pt(tmp_path, data_dir, monkey
         run_study(plan, tmp_path / "cut")
     assert (tmp_path / "cut" / "runs" / "vit_mini_28" / "seed0" / "last.pt").is_file()
     assert json.loads((tmp_path / "cut" / "study.json").read_text())["runs"] == {}
-    resumed = run_study(plan, tmp_path / "cut")
+    resumed = run_study(plan, tmp_path / "cut", timing_settings=TINY)
     assert epochs == [1, 2, 2]  # the re-run trained epoch 2 only, from epoch 1's last.pt
     assert _without_timings(resumed) == _without_timings(whole)
 

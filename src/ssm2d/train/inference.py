@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 

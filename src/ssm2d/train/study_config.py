@@ -36,6 +36,7 @@ from .config import ConfigError, TrainConfig, _checked
 
 __all__ = [
     "EVALUATIONS", "Arm", "Experiment", "PlannedRun", "StudyPlan", "describe_difference", "load_study", "run_hash",
+    "setting_slug",
 ]  # fmt: skip
 
 _TOP_KEYS = ("recipe", "seeds", "quick", "experiments")
@@ -109,7 +110,7 @@ def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _slug(values: dict[str, Any]) -> str:
+def setting_slug(values: dict[str, Any]) -> str:
     """A folder-safe label of a setting: "train_fraction=0.1,n_ssm=4"."""
     text = ",".join(f"{k}={v}" for k, v in sorted(_flat(values).items()))
     return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", text)
@@ -180,7 +181,7 @@ def _experiment(name: str, values: Any, base: dict[str, Any], scale: float) -> E
     arms = []
     for i, setting in enumerate(settings):
         setting = _recipe(f"{src}.settings[{i}]", setting)
-        slug = _slug(_diff({**base, **setting}, base)) or _slug(setting)
+        slug = setting_slug(_diff({**base, **setting}, base)) or setting_slug(setting)
         if "train_fraction" in setting:
             setting["train_fraction"] = _scaled(setting["train_fraction"], scale)
         for model in models:
@@ -251,7 +252,7 @@ def load_study(path: str | Path, quick: bool = False) -> StudyPlan:
             for arm in exp.arms:
                 cfg = TrainConfig.from_dict({**recipe, **arm.settings, "model": arm.model, "seed": seed}, exp.name)
                 resolved = cfg.to_dict()
-                slug = _slug(_diff(resolved, base))
+                slug = setting_slug(_diff(resolved, base))
                 run_id = f"{arm.model}/{slug}/seed{seed}" if slug else f"{arm.model}/seed{seed}"
                 run = runs.setdefault(run_id, PlannedRun(run_id, cfg, run_hash(resolved)))
                 run.uses.append({"experiment": exp.name, "arm": arm.label, "settings": arm.settings})

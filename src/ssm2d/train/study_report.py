@@ -16,7 +16,10 @@ from matplotlib.figure import Figure
 
 from .io import write_text_atomic
 
-__all__ = ["PAPER_RESULTS", "arm_rows", "metric", "paired", "render_results", "update_generated_block", "verdict"]
+__all__ = [
+    "PAPER_RESULTS", "UNTIMED_NOTE", "arm_rows", "cost_text", "metric", "paired", "render_results",
+    "update_generated_block", "verdict",
+]  # fmt: skip
 
 # The 2-D SSM paper's own full-scale results (top-1 %): Baron, Zimerman & Wolf, "A 2-Dimensional State
 # Space Layer for Spatial Inductive Bias", ICLR 2024, its small-data (CIFAR-100, Tiny-ImageNet) and
@@ -66,7 +69,14 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def arm_rows(payload: dict[str, Any], experiment: str) -> list[dict[str, Any]]:
-    """One row per arm: its finished records, n of m seeds, and mean ± std of final top-1."""
+    """One row per arm: its finished records, n of m seeds, mean ± std of final top-1, and its cost.
+
+    The cost: "seconds" per epoch is the arm's timed step ("timing" entry of its "timed_as" key, in
+    seconds) x its runs' mean steps per epoch, with "timed" True; without a timing entry (or with
+    records that lack steps_per_epoch) it is the runs' mean wall time per epoch as they went, with
+    "timed" False. "ratio" is the entry's step time over the reference's, None without an entry.
+    """
+    entries = (payload.get("timing") or {}).get("models", {})
     rows = []
     for arm in payload["experiments"][experiment]["arms"]:
         planned = arm["runs"]
@@ -78,7 +88,13 @@ def arm_rows(payload: dict[str, Any], experiment: str) -> list[dict[str, Any]]:
             row["acc"] = _mean_std([r["final_acc1"] for r in recs])
             row["best"] = _mean_std([r["best_acc1"] for r in recs])
             row["params"] = recs[0]["params"]
-            row["seconds"] = statistics.fmean(r["epoch_seconds"] for r in recs)
+            entry = entries.get(arm.get("timed_as"))
+            row["timed"] = entry is not None and all("steps_per_epoch" in r for r in recs)
+            row["seconds"] = (
+                entry["step_seconds"] * statistics.fmean(r["steps_per_epoch"] for r in recs) if row["timed"]
+                else statistics.fmean(r["epoch_seconds"] for r in recs)
+            )  # fmt: skip
+            row["ratio"] = None if entry is None else entry["ratio"]
         rows.append(row)
     return rows
 
@@ -123,23 +139,60 @@ def _extra_columns(payload: dict[str, Any], experiment: str) -> list[str]:
     return cols + (["effective_rank"] if "kernel_rank" in evaluations else [])
 
 
+# The note under a table with an arm that has no timing entry (its s / epoch is marked \*).
+UNTIMED_NOTE = (
+    "\\* not timed: the wall time of an epoch (training and evaluation) as the runs went, on a machine that may "
+    "have had other work; `ssm2d study CONFIG --output DIR --timing` times the arm."
+)
+
+
 def table(payload: dict[str, Any], experiment: str) -> str:
-    """The experiment's Markdown table: mean ± std over seeds, n, params, s / epoch, evaluations."""
+    """The experiment's Markdown table: mean ± std over seeds, n, params, s / epoch (timed; else the
+    wall time, marked with an asterisk that `UNTIMED_NOTE` under the table explains), × ref, evaluations."""
     extra = _extra_columns(payload, experiment)
-    header = ["arm", "params", "val top-1 % (final)", "val top-1 % (best)", *extra, "s / epoch", "n"]
+    header = ["arm", "params", "val top-1 % (final)", "val top-1 % (best)", *extra, "s / epoch", "× ref", "n"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    untimed = False
     for row in arm_rows(payload, experiment):
         n = f"{row['n']}" if row["n"] == row["m"] else f"in progress ({row['n']} of {row['m']})"
         if not row["records"]:
-            lines.append(f"| `{row['label']}` | | | | {'| ' * len(extra)}| {n} |")
+            lines.append(f"| `{row['label']}` | | | | {'| ' * len(extra)}| | {n} |")
             continue
         cells = [f"`{row['label']}`", f"{row['params'] / 1e6:.3f}M", _fmt_pm(row["acc"]), _fmt_pm(row["best"])]
         for col in extra:
             values = [v for r in row["records"].values() if (v := metric(r, col)) is not None]
             cells.append(_fmt_pm(_mean_std(values)) if values else "")
-        cells += [f"{row['seconds']:.1f}", n]
+        untimed |= not row["timed"]
+        ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}"
+        cells += [f"{row['seconds']:.1f}" + ("" if row["timed"] else "\\*"), ratio, n]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + (f"\n{UNTIMED_NOTE}\n" if untimed else "")
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def cost_text(payload: dict[str, Any]) -> str:
+    """What the tables' 's / epoch' and '× ref' columns measure, from the payload's timing object."""
+    timing = payload.get("timing")
+    if timing is None:
+        return (
+            "'s / epoch' is the wall time of an epoch (training and evaluation) as the run went, on a machine that "
+            "may have had other work: a rough cost (no timing pass yet: `ssm2d study CONFIG --output DIR --timing`)."
+        )
+    command = timing["command"] or f"ssm2d study {payload['config']} --output DIR --timing"
+    return (
+        f"'s / epoch' is the training cost of an epoch: the time of one training step (forward, loss, backward and "
+        f"optimizer step of the arm's model on one synthetic batch of {timing['batch_size']} images; no data "
+        "loading, no evaluation) times the run's steps per epoch. The steps are timed side by side, not during "
+        f"the runs: a timing pass builds every model, runs {_count(timing['warmup'], 'warm-up step')} of each, "
+        f"then {_count(timing['rounds'], 'round')} that each time {_count(timing['steps'], 'step')} of every model "
+        "in turn; a model's step "
+        "time is its fastest round's mean (the machine's speed drifts, and every model gets every minute), at "
+        f"{timing['threads']} threads. '× ref' is that time over `{timing['reference']}`'s in the same pass. Last "
+        f"timing pass: `{command}`."
+    )
 
 
 def _pair_text(pair: dict[str, Any], expect: str) -> str:
@@ -302,10 +355,9 @@ def render_results(payload: dict[str, Any], docs: str | Path, readme: str | Path
         f"`{payload['command'] or 'ssm2d study ' + payload['config']}` ({len(runs)} finished runs; "
         f"{'QUICK smoke run, not a result' if payload['quick'] else 'seeds ' + str(payload['seeds'])}). "
         f"One recipe for every arm: {recipe}. Accuracies are on {images}, mean ± std over seeds; "
-        "'final' is the last epoch, 'best' the best epoch (optimistic). 's / epoch' is the wall time of "
-        "a training epoch as the run went, on a machine that may have had other work: a rough cost; the "
-        "side-by-side timings of [benchmarks.md](benchmarks.md) are the controlled ones. Arms still running "
-        "are marked 'in progress (n of m)' and their comparisons are undecided.", "",
+        f"'final' is the last epoch, 'best' the best epoch (optimistic). {cost_text(payload)} The layers' own "
+        "timings are in [benchmarks.md](benchmarks.md). Arms still running are marked 'in progress (n of m)' and "
+        "their comparisons are undecided.", "",
     ]  # fmt: skip
     sections = [_experiment_section(payload, name, docs / "img", "img") for name in payload["experiments"]]
     text = "\n".join(intro) + "\n" + "\n".join(sections) + "\n" + _papers_section()

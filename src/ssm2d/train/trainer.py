@@ -43,7 +43,7 @@ from .distributed import DistEnv, ShardSampler, init_distributed
 from .engine import evaluate, train_one_epoch
 from .io import remove_stale_temporaries, write_text_atomic
 
-__all__ = ["build_model", "train"]
+__all__ = ["build_loss", "build_model", "train", "train_sampler"]
 
 log = logging.getLogger("ssm2d.train")
 
@@ -120,7 +120,9 @@ def _seed_everything(seed: int, epoch: int, rank: int) -> int:
     return value
 
 
-def _train_sampler(cfg: TrainConfig, dataset: Dataset, env: DistEnv) -> Sampler:
+def train_sampler(cfg: TrainConfig, dataset: Dataset, env: DistEnv) -> Sampler:
+    """The training sampler of one process: timm's repeated-augmentation sampler when
+    `cfg.repeated_aug` > 1, else a shuffling `DistributedSampler`."""
     if cfg.repeated_aug > 1:
         # selected_round=0: keep every sample's repeats (timm's default rounds to 256 samples,
         # which drops small subsets entirely).
@@ -128,6 +130,21 @@ def _train_sampler(cfg: TrainConfig, dataset: Dataset, env: DistEnv) -> Sampler:
             dataset, num_replicas=env.world_size, rank=env.rank, num_repeats=cfg.repeated_aug, selected_round=0
         )
     return DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True)
+
+
+def build_loss(cfg: TrainConfig, num_classes: int) -> tuple[Callable, Mixup | None]:
+    """The training loss and the batch mixer of `cfg`: soft-target cross-entropy with timm's
+    MixUp/CutMix (label smoothing folded into the soft targets) when either is on, else
+    cross-entropy with label smoothing, or plain; the mixer is None without MixUp/CutMix."""
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup = Mixup(
+            mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob,
+            label_smoothing=cfg.label_smoothing, num_classes=num_classes,
+        )  # fmt: skip
+        return SoftTargetCrossEntropy(), mixup
+    if cfg.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(cfg.label_smoothing), None
+    return nn.CrossEntropyLoss(), None
 
 
 class _Run:
@@ -153,7 +170,7 @@ class _Run:
         mixing = cfg.mixup > 0 or cfg.cutmix > 0
         if mixing and cfg.batch_size % 2:
             raise ConfigError(f"batch_size: MixUp/CutMix mix pairs of samples, expected an even size, got {cfg.batch_size}")
-        self.sampler = _train_sampler(cfg, train_set, env)
+        self.sampler = train_sampler(cfg, train_set, env)
         self.generator = torch.Generator()
         loader = dict(num_workers=cfg.workers, pin_memory=env.device.type == "cuda", persistent_workers=False)
         self.train_loader = DataLoader(
@@ -178,19 +195,7 @@ class _Run:
             warmup_lr_init=cfg.warmup_lr, t_in_epochs=False,
         )  # fmt: skip
         self.updates = 0
-        self.mixup = (
-            Mixup(
-                mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob,
-                label_smoothing=cfg.label_smoothing, num_classes=self.info.num_classes,
-            )
-            if mixing
-            else None
-        )  # fmt: skip
-        self.criterion: Callable = (
-            SoftTargetCrossEntropy() if mixing
-            else LabelSmoothingCrossEntropy(cfg.label_smoothing) if cfg.label_smoothing > 0
-            else nn.CrossEntropyLoss()
-        )  # fmt: skip
+        self.criterion, self.mixup = build_loss(cfg, self.info.num_classes)
         self.train_model: nn.Module = self.model
         if env.distributed:
             ids = [env.device.index] if env.device.type == "cuda" else None
