@@ -22,7 +22,10 @@ Further sections, each with its own JSON key and table:
 - "comparators": one training step of the other spatial layers' models at batch 64 on 28 x 28 x 1
   input against `vit_mini_28`, all in one alternation: Vim and V2M (the ViT with their layers and
   the stand-alone models; targets: at most 2x for Vim, 3x for V2M), VMamba's SS2D in the ViT and
-  the VMamba backbone, and Mega with the 2-D SSM.
+  the VMamba backbone, and Mega with the 2-D SSM. Beside each time, the step's matrix-multiply
+  and convolution FLOPs (`torch.utils.flop_counter`, forward + backward; the scans' own
+  arithmetic is not counted) over the baseline's: the work a model's layers add whatever the
+  kernels, so a step ratio below the FLOP ratio is not to be expected.
 - "deploy": inference of `vit_mini_28_ssm2d` at batch 1 and 64 in eager PyTorch (eval, no_grad,
   kernels cached) and in onnxruntime on the file of `ssm2d export` (kernels materialized as
   depthwise convolutions), in alternation.
@@ -46,6 +49,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 # This folder holds a script named like the package: take it off the path before importing.
 _HERE = Path(__file__).resolve().parent
@@ -143,27 +147,40 @@ def measure(base_name: str, ssm_name: str, batch: int, reps: int) -> dict:
     }  # fmt: skip
 
 
+def step_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Matrix-multiply and convolution FLOPs of one forward + backward (torch's flop counter)."""
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), y).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
 def measure_comparators(batch: int, reps: int) -> dict:
-    """Training step (ms) of the baseline and every comparator model, all in one alternation."""
+    """Training step (ms) of the baseline and every comparator model, all in one alternation,
+    and each step's counted FLOPs."""
     torch.manual_seed(0)
     names = [COMPARATOR_BASELINE, *COMPARATORS]
     models = [ssm2d.create_model(name) for name in names]
     c, h, w = models[0].pretrained_cfg["input_size"]
     x = torch.randn(batch, c, h, w)
     y = torch.randint(0, models[0].num_classes, (batch,))
+    flops = [step_flops(m, x, y) for m in models]
     times = alternate([train_step_fn(m, x, y) for m in models], reps)
     print(f"comparators (batch {batch}, train ms): " + ", ".join(f"{n} {t:.1f}" for n, t in zip(names, times)))
     return {
         "baseline": COMPARATOR_BASELINE, "input": f"{c}x{h}x{w}", "batch": batch, "reps": reps,
         "models": [{"model": n, "params": sum(p.numel() for p in m.parameters()), "train_ms": t,
-                    "ratio": t / times[0]} for n, m, t in zip(names, models, times)],
+                    "ratio": t / times[0], "gflops": f / 1e9, "flop_ratio": f / flops[0]}
+                   for n, m, t, f in zip(names, models, times, flops)],
     }  # fmt: skip
 
 
 def comparator_rows(comp: dict) -> tuple[list[str], list[list[str]]]:
-    header = ["model", "params", "train ms", f"over `{comp['baseline']}`", "target"]
+    header = ["model", "params", "train ms", f"over `{comp['baseline']}`", "target", "counted GFLOP",
+              "FLOPs over baseline"]  # fmt: skip
     body = [[f"`{r['model']}`", f"{r['params'] / 1e3:,.0f}k", f"{r['train_ms']:.1f}", f"{r['ratio']:.2f}x",
-             f"<= {COMPARATORS[r['model']]:g}x" if COMPARATORS.get(r["model"]) else "-"]
+             f"<= {COMPARATORS[r['model']]:g}x" if COMPARATORS.get(r["model"]) else "-",
+             f"{r['gflops']:.2f}" if "gflops" in r else "", f"{r['flop_ratio']:.2f}x" if "flop_ratio" in r else ""]
             for r in comp["models"]]  # fmt: skip
     return header, body
 
@@ -187,7 +204,9 @@ def comparator_markdown(payload: dict) -> str:
         f"Command: `{payload['command']}`  ",
         f"Run: {payload['date']} on {m['cpu']}, {m['threads']} threads, torch {m['torch']}; one training step "
         f"(forward, cross-entropy backward, AdamW step) at batch {comp['batch']} on {comp['input']} input, the "
-        f"{len(comp['models'])} models timed in one alternation, medians of {comp['reps']} repetitions.",
+        f"{len(comp['models'])} models timed in one alternation, medians of {comp['reps']} repetitions. "
+        "Counted GFLOP: the matrix multiplies and convolutions of one forward + backward "
+        "(`torch.utils.flop_counter`); the scans' own arithmetic is not in it.",
         "",
         markdown_table(*comparator_rows(comp)),
         "",

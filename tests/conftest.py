@@ -132,3 +132,20 @@ def causal_conv_oracle(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
         y = F.conv2d(z, kernel.flip(-2, -1)[:, None].to(x.dtype), groups=x.shape[-1]).permute(0, 2, 3, 1)
         out = out + (y.flip(dims) if dims else y)
     return out
+
+
+def assert_mamba_scans_in_float32(monkeypatch, run, calls: int) -> None:
+    """Run `run()` (a bfloat16 Mamba-based layer on the CPU) and check each of its `calls` inner
+    ops: A, D, the dt bias (applied by `step_sizes`) and the step sizes stay float32, and the scan
+    gets no second bias or softplus."""
+    import ssm2d.layers.mamba as mamba_module
+
+    seen, biases = [], []
+    real_scan, real_steps = mamba_module.selective_scan, mamba_module.step_sizes
+    monkeypatch.setattr(mamba_module, "selective_scan", lambda *a, **k: seen.append((a[1], a[2], k)) or real_scan(*a, **k))
+    monkeypatch.setattr(mamba_module, "step_sizes", lambda *a: biases.append(a[2]) or real_steps(*a))
+    run()
+    assert len(seen) == len(biases) == calls
+    for (delta, A, kwargs), bias in zip(seen, biases):
+        assert A.dtype == kwargs["D"].dtype == bias.dtype == delta.dtype == torch.float32
+        assert kwargs["delta_bias"] is None and not kwargs["delta_softplus"]

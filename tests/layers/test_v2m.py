@@ -9,7 +9,7 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close, param_grads, rel_fro, size_id, tiny_vit
+from conftest import assert_mamba_scans_in_float32, assert_close, param_grads, rel_fro, size_id, tiny_vit
 
 import ssm2d
 from ssm2d.layers import V2M
@@ -480,17 +480,8 @@ def test_the_oracle_tells_swapped_b_and_c_roles_apart():
 
 
 def test_a_d_and_dt_bias_stay_float32_in_a_bfloat16_layer(monkeypatch):
-    import ssm2d.layers.mamba as mamba_module
-
-    seen = []
-    real = mamba_module.selective_scan
-    monkeypatch.setattr(mamba_module, "selective_scan", lambda *a, **k: seen.append((a[2], k)) or real(*a, **k))
     layer = make_layer(dtype=torch.bfloat16)
-    layer(random_input(layer, (2, 3), dtype=torch.bfloat16))
-    assert len(seen) == 2
-    for A, kwargs in seen:
-        assert A.dtype == kwargs["D"].dtype == kwargs["delta_bias"].dtype == torch.float32
-
+    assert_mamba_scans_in_float32(monkeypatch, lambda: layer(random_input(layer, (2, 3), dtype=torch.bfloat16)), calls=2)
 
 def test_reference_path_passes_gradgradcheck():
     layer = randomized(make_layer(dim=2, state_dim=2, expand=1))

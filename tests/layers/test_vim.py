@@ -9,7 +9,7 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, grads, rel_fro, tiny_vit
+from conftest import assert_mamba_scans_in_float32, assert_close, grads, rel_fro, tiny_vit
 
 import ssm2d
 from ssm2d.layers import VimMixer, VimMixer2d
@@ -260,16 +260,8 @@ def test_released_parameter_names_load():
 
 
 def test_a_d_and_dt_bias_stay_float32_in_a_bfloat16_mixer(monkeypatch):
-    import ssm2d.layers.mamba as mamba_module
-
-    seen = []
-    real = mamba_module.selective_scan
-    monkeypatch.setattr(mamba_module, "selective_scan", lambda *a, **k: seen.append((a[2], k)) or real(*a, **k))
-    make_mixer(dtype=torch.bfloat16)(torch.randn(1, 5, 8, dtype=torch.bfloat16))
-    assert len(seen) == 2
-    for A, kwargs in seen:
-        assert A.dtype == kwargs["D"].dtype == kwargs["delta_bias"].dtype == torch.float32
-
+    mixer = make_mixer(dtype=torch.bfloat16)
+    assert_mamba_scans_in_float32(monkeypatch, lambda: mixer(torch.randn(1, 5, 8, dtype=torch.bfloat16)), calls=2)
 
 def test_reference_path_passes_gradgradcheck():
     mixer = randomize(make_mixer(dim=4, state_dim=2, expand=1))

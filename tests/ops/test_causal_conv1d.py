@@ -89,3 +89,43 @@ def test_double_backward_raises_a_clear_error():
     (gx,) = torch.autograd.grad(causal_conv1d(x, weight, bias, "silu").square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match=r"causal_conv1d \(fused CPU kernel\): double backward.*fast_path = False"):
         gx.sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------
+# reverse: the anti-causal convolution of a bidirectional mixer's backward direction
+
+
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize(("length", "width", "bias"), [(1, 4, True), (7, 4, True), (70, 4, False), (6, 5, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
+def test_reverse_fast_matches_ref_float64(dtype, length, width, bias, activation):
+    """The fused kernel in reverse (70 steps: two backward blocks of 64) against the ref."""
+    inputs = random_inputs(length, width, bias, d=7, dtype=dtype)
+    wide = [t.detach().to(F64).requires_grad_() for t in inputs]
+    fast = causal_conv1d(*inputs, activation=activation, reverse=True)
+    ref = causal_conv1d_ref(*wide, activation=activation, reverse=True)
+    assert fast.dtype == dtype and ref.abs().max() > 1e-2
+    assert_close(fast, ref, dtype, "output")
+    upstream = torch.randn_like(ref)
+    pairs = zip(("x", "weight", "bias"), grads(fast, inputs, upstream.to(dtype)), grads(ref, wide, upstream))
+    for name, g_fast, g_ref in pairs:
+        assert g_ref.abs().max().item() > 0, f"d/d{name} is zero"
+        assert_close(g_fast, g_ref, dtype, f"d/d{name}")
+
+
+@pytest.mark.parametrize("fn", [causal_conv1d, causal_conv1d_ref], ids=["fast", "ref"])
+def test_reverse_is_the_causal_convolution_of_the_flipped_sequence(fn):
+    x, weight, bias = (t.detach().to(F64) for t in random_inputs(11, 4))
+    expected = causal_conv1d_ref(x.flip(-1), weight, bias, "silu").flip(-1)
+    assert_close(fn(x, weight, bias, "silu", reverse=True), expected, F64, f"{fn.__name__} reverse")
+    changed = x.clone()
+    changed[..., :4] += 1.0  # the reverse convolution reads the future only: steps >= 4 see no change
+    assert torch.equal(fn(changed, weight, bias, reverse=True)[..., 4:], fn(x, weight, bias, reverse=True)[..., 4:])
+
+
+def test_reverse_on_the_conv1d_path():
+    """bfloat16 runs F.conv1d, right-padded with the taps flipped."""
+    x, weight, bias = (t.detach() for t in random_inputs(9, 4))
+    fast = causal_conv1d(x.bfloat16(), weight.bfloat16(), bias.bfloat16(), "silu", reverse=True)
+    expected = causal_conv1d_ref(x.double(), weight.double(), bias.double(), "silu", reverse=True)
+    assert_close(fast, expected, torch.bfloat16, "bf16 reverse")

@@ -329,3 +329,45 @@ def test_kernel_passing_its_smoke_test_is_used(monkeypatch):
     B, C = torch.randn(2, 3, 3, 6), torch.randn(2, 1, 3, 6)
     selective_scan(u, delta, A, B, C, D, z, bias, delta_softplus=True)
     assert calls == [torch.float32], f"kernel called for inputs it does not take: {calls}"
+
+
+# ---------------------------------------------------------------------------------------------
+# reverse: the backward direction of a bidirectional scan, without flips
+
+
+def _flip_steps(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """u, delta, A, B, C, D, z, delta_bias with the per-step ones flipped along L."""
+    return [t.flip(-1) if name in ("u", "delta", "B", "C", "z") else t for name, t in zip(NAMES, inputs)]
+
+
+@pytest.mark.parametrize("layout", ["plain", "grouped_3x1"])
+def test_reverse_ref_is_the_forward_ref_on_the_flipped_sequence(layout):
+    inputs = [t.detach() for t in widen(random_inputs(9, True, LAYOUTS[layout]))]
+    expected = selective_scan_ref(*_flip_steps(inputs), delta_softplus=True).flip(-1)
+    got = selective_scan_ref(*inputs, delta_softplus=True, reverse=True)
+    assert_close(got, expected, F64, "reverse ref")
+    assert not torch.allclose(got, selective_scan_ref(*inputs, delta_softplus=True))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(("length", "chunk_size"), [(1, None), (7, None), (17, None), (53, None), (17, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
+def test_reverse_fast_matches_ref_float64(dtype, length, chunk_size, layout):
+    """The fused kernel walking backwards (chunk_size None; 17 and 53 steps cross its checkpoint
+    chunks) and the chunked scan on flipped inputs (chunk_size 4), outputs and every gradient,
+    and the last state h_0 against the forward scan's last state on the flipped sequence."""
+    inputs = random_inputs(length, True, LAYOUTS[layout], dtype=dtype)
+    fast, last = selective_scan(*inputs, delta_softplus=True, return_last_state=True, reverse=True,
+                                chunk_size=chunk_size)  # fmt: skip
+    wide = widen(inputs)
+    ref = selective_scan_ref(*wide, delta_softplus=True, reverse=True)
+    assert ref.abs().max().item() > 1e-2
+    assert_close(fast, ref, dtype, "output")
+    upstream = torch.randn_like(ref)
+    for name, g_fast, g_ref in zip(NAMES, grads(fast, inputs, upstream.to(dtype)), grads(ref, wide, upstream)):
+        if name != "A" or length > 1:
+            assert g_ref.abs().max().item() > 0, f"d/d{name} is zero"
+        assert_close(g_fast, g_ref, dtype, f"d/d{name}")
+    flipped = [t.detach() for t in _flip_steps(wide)]
+    _, expected_last = selective_scan(*flipped, delta_softplus=True, return_last_state=True, chunk_size=4)
+    assert_close(last, expected_last, dtype, "last state h_0")

@@ -6,7 +6,7 @@ size, R = dt_rank.
 On the signal u and gate z that the mixer's in_proj made, along the last axis::
 
     u~ = silu(causal_depthwise_conv1d(u))
-    [dt, B, C] = x_proj(u~);  delta = softplus(dt_proj(dt))      (the dt bias added in the scan)
+    [dt, B, C] = x_proj(u~);  delta = softplus(dt_proj(dt))      (`ops.step_sizes` on the CPU)
     y = (selective_scan(u~, delta, A, B, C) + D u~) * silu(z),   A = -exp(A_log)
 
 Vim runs one per direction and V2M one per pass, between their own in_proj and out_proj. A, D
@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..ops.causal_conv1d import causal_conv1d, causal_conv1d_ref
 from ..ops.selective_scan import selective_scan, selective_scan_ref
+from ..ops.step_sizes import step_sizes
 from .checks import check_positive_ints
 from .mamba_init import init_dt_proj, s4d_real_a_log
 from .tagged import NO_WEIGHT_DECAY, TaggedModule
@@ -80,22 +81,31 @@ class MambaInner(TaggedModule):
         self.A_log.copy_(s4d_real_a_log(*self.A_log.shape))
         self.D.fill_(1.0)
 
-    def forward(self, u: Tensor, z: Tensor, fast_path: bool = True) -> Tensor:
-        """u, z: (S, E, L) -> (S, E, L); `fast_path=False` runs the `_ref` ops."""
+    def forward(self, u: Tensor, z: Tensor, fast_path: bool = True, reverse: bool = False) -> Tensor:
+        """u, z: (S, E, L) -> (S, E, L); `fast_path=False` runs the `_ref` ops.
+
+        `reverse`: the op along the reversed sequence (conv taps reading ahead, the scan from
+        L - 1 down to 0), in the input's order: the same as flipping u and z along L and the
+        output back, without the copies.
+        """
         s, _, length = u.shape
         conv, scan = (causal_conv1d, selective_scan) if fast_path else (causal_conv1d_ref, selective_scan_ref)
-        u = conv(u, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu")  # (S, E, L)
+        u = conv(u, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu", reverse=reverse)  # (S, E, L)
         dt, *bc = self.x_proj(rearrange(u, "s e l -> s l e")).split(
             [self.dt_rank] + [self.state_dim] * len(self.learned), dim=-1
         )  # (S, L, R), (S, L, N) per learned projection
+        A = -torch.exp(_at_least_float32(self.A_log))  # (E, N)
+        D, dt_bias = _at_least_float32(self.D), _at_least_float32(self.dt_proj.bias)
+        if fast_path and u.device.type == "cpu":  # dt_proj, its bias and softplus in one fused op
+            delta, dt_bias, softplus = step_sizes(dt, self.dt_proj.weight, dt_bias), None, False  # (S, L, E)
+        else:  # the bias and softplus applied in the scan, as mamba-ssm's kernel does
+            delta, softplus = F.linear(dt, self.dt_proj.weight), True
         # (S, E, L), a view of a channels-last tensor, as u and z: the fused ops read them without a copy
-        delta = rearrange(F.linear(dt, self.dt_proj.weight), "s l e -> s e l")  # bias added in the scan
+        delta = rearrange(delta, "s l e -> s e l")
         learned = dict(zip(self.learned, (rearrange(t, "s l n -> s n l") for t in bc)))
         ones = u.new_ones(()).expand(s, self.state_dim, length)  # a projection held at 1
         b, c = learned.get("B", ones), learned.get("C", ones)  # (S, N, L) each
-        A = -torch.exp(_at_least_float32(self.A_log))  # (E, N)
-        D, dt_bias = _at_least_float32(self.D), _at_least_float32(self.dt_proj.bias)
-        return scan(u, delta, A, b, c, D=D, z=z, delta_bias=dt_bias, delta_softplus=True)
+        return scan(u, delta, A, b, c, D=D, z=z, delta_bias=dt_bias, delta_softplus=softplus, reverse=reverse)
 
     def extra_repr(self) -> str:
         return f"learned={self.learned!r}"

@@ -7,7 +7,8 @@ The "v2" bidirectional Mamba mixer of the released code::
 
     x, z = split(in_proj(h))                                   (B, E, L) each, shared
     per direction (forward on the sequence, backward on it reversed, then reversed back),
-    each with its own conv1d, x_proj, dt_proj, A_log and D:
+    each with its own conv1d, x_proj, dt_proj, A_log and D (the backward direction runs the
+    reversed op in place, `MambaInner(..., reverse=True)`, rather than flipping):
         u = silu(causal_depthwise_conv1d(x))
         [dt, B, C] = x_proj(u);  delta = softplus(dt_proj(dt))
         y = (selective_scan(u, delta, A, B, C) + D u) * silu(z)
@@ -24,6 +25,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
@@ -90,11 +92,13 @@ class VimMixer(nn.Module):
 
     def mix(self, x: Tensor) -> Tensor:
         """The mixer on a token sequence: (B, L, C) -> (B, L, C), L >= 1."""
-        u, z = rearrange(self.in_proj(x), "b l e -> b e l").chunk(2, dim=1)  # (B, E, L) each
+        # split before transposing: u and z are (B, E, L) views of channels-last halves, which the
+        # fused ops read without a copy, and their gradients concatenate along contiguous rows
+        u, z = (rearrange(t, "b l e -> b e l") for t in self.in_proj(x).chunk(2, dim=-1))
         forward, backward = self.directions
-        y_forward = forward(u, z, self.fast_path)
-        y_backward = backward(u.flip(-1), z.flip(-1), self.fast_path).flip(-1)  # along the reversed sequence
-        return self.out_proj(rearrange((y_forward + y_backward) / 2, "b e l -> b l e"))  # div2 merge
+        y = forward(u, z, self.fast_path) + backward(u, z, self.fast_path, reverse=True)  # (B, E, L)
+        # the div2 merge, (y_forward + y_backward) / 2, folded into out_proj's weight
+        return F.linear(rearrange(y, "b e l -> b l e"), self.out_proj.weight / 2)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, L, C) -> (B, L, C); batch 0 gives an empty output."""

@@ -42,10 +42,16 @@ __all__ = ["fused_causal_conv1d"]
 _BACKWARD_STEPS = 64
 
 
+@numba.njit(inline="always")
+def _position(t, length, reverse):
+    """The position of step t: t, or L - 1 - t when the sequence is read in reverse."""
+    return length - 1 - t if reverse else t
+
+
 @numba.njit(inline="always", fastmath=FASTMATH)
-def _pre_activation(x, weight, bias, has_bias, b, t, p):
+def _pre_activation(x, weight, bias, has_bias, reverse, b, t, p):
     """p (D,) = bias + the causal sum at step t of batch row b."""
-    width = weight.shape[0]
+    width, length = weight.shape[0], x.shape[1]
     if has_bias:
         p[:] = bias
     else:
@@ -53,26 +59,27 @@ def _pre_activation(x, weight, bias, has_bias, b, t, p):
     for k in range(width):
         s = t - (width - 1) + k
         if s >= 0:
-            xs, wk = x[b, s], weight[k]
+            xs, wk = x[b, _position(s, length, reverse)], weight[k]
             for j in range(p.shape[0]):
                 p[j] += wk[j] * xs[j]
 
 
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _forward_kernel(x, weight, bias, has_bias, silu, out):
-    """out (B, L, D) from x (B, L, D), weight (W, D), bias (D,) (empty when not has_bias)."""
+def _forward_kernel(x, weight, bias, has_bias, silu, reverse, out):
+    """out (B, L, D) from x (B, L, D), weight (W, D), bias (D,) (empty when not has_bias);
+    `reverse`: step t is position L - 1 - t (the anti-causal convolution)."""
     nb, length, nd = x.shape
     for item in numba.prange(nb * length):
         b, t = item // length, item % length
-        p = out[b, t]
-        _pre_activation(x, weight, bias, has_bias, b, t, p)
+        p = out[b, _position(t, length, reverse)]
+        _pre_activation(x, weight, bias, has_bias, reverse, b, t, p)
         if silu:
             for j in range(nd):
                 p[j] = p[j] / (1 + fast_exp(-p[j]))
 
 
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _backward_kernel(x, weight, bias, has_bias, silu, TC, gout, gx, gw_items, gbias_items):
+def _backward_kernel(x, weight, bias, has_bias, silu, reverse, TC, gout, gx, gw_items, gbias_items):
     """gx (B, L, D); gw_items (B K, W, D) and gbias_items (B K, D), one slice per block of TC
     steps (K = ceil(L / TC)); from the upstream gradient gout (B, L, D)."""
     nb, length, nd = x.shape
@@ -85,9 +92,9 @@ def _backward_kernel(x, weight, bias, has_bias, silu, TC, gout, gx, gw_items, gb
         gp = np.empty((t2 - t0, nd), dtype=x.dtype)  # dL/dp_t, t0 <= t < t2
         for t in range(t0, t2):
             g = gp[t - t0]
-            go = gout[b, t]
+            go = gout[b, _position(t, length, reverse)]
             if silu:
-                _pre_activation(x, weight, bias, has_bias, b, t, g)
+                _pre_activation(x, weight, bias, has_bias, reverse, b, t, g)
                 for j in range(nd):
                     sig = 1 / (1 + fast_exp(-g[j]))
                     g[j] = go[j] * sig * (1 + g[j] * (1 - sig))
@@ -103,11 +110,11 @@ def _backward_kernel(x, weight, bias, has_bias, silu, TC, gout, gx, gw_items, gb
             for k in range(width):
                 s = t - (width - 1) + k  # tap k at step t reads x_s
                 if s >= 0:
-                    xs, gwk = x[b, s], gw[k]
+                    xs, gwk = x[b, _position(s, length, reverse)], gw[k]
                     for j in range(nd):
                         gwk[j] += g[j] * xs[j]
         for s in range(t0, t1):
-            gxs = gx[b, s]
+            gxs = gx[b, _position(s, length, reverse)]
             gxs[:] = 0
             for k in range(width):
                 t = s + width - 1 - k  # x_s feeds p_t through tap k
@@ -119,14 +126,14 @@ def _backward_kernel(x, weight, bias, has_bias, silu, TC, gout, gx, gw_items, gb
 
 class _FusedCausalConv1d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool, reverse: bool) -> Tensor:
         xl = x.transpose(1, 2).contiguous()  # (B, L, D); no copy when x is a channels-last view
         wl = weight.t().contiguous()  # (W, D)
         out = torch.empty_like(xl)
         use_torch_threads()
-        _forward_kernel(xl.numpy(), wl.numpy(), as_array(bias, x, 1), bias is not None, silu, out.numpy())
+        _forward_kernel(xl.numpy(), wl.numpy(), as_array(bias, x, 1), bias is not None, silu, reverse, out.numpy())
         ctx.save_for_backward(xl, wl, bias)
-        ctx.silu = silu
+        ctx.silu, ctx.reverse = silu, reverse
         return out.transpose(1, 2)
 
     @staticmethod
@@ -139,17 +146,20 @@ class _FusedCausalConv1d(torch.autograd.Function):
         gw, gbias = xl.new_empty(items, *wl.shape), xl.new_empty(items, nd)
         use_torch_threads()
         _backward_kernel(
-            xl.numpy(), wl.numpy(), as_array(bias, xl, 1), bias is not None, ctx.silu, _BACKWARD_STEPS,
+            xl.numpy(), wl.numpy(), as_array(bias, xl, 1), bias is not None, ctx.silu, ctx.reverse, _BACKWARD_STEPS,
             gout.transpose(1, 2).contiguous().numpy(), gx.numpy(), gw.numpy(), gbias.numpy(),
         )  # fmt: skip
-        return gx.transpose(1, 2), gw.sum(0).t(), gbias.sum(0) if bias is not None else None, None
+        return gx.transpose(1, 2), gw.sum(0).t(), gbias.sum(0) if bias is not None else None, None, None
 
 
-def fused_causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
+def fused_causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool, reverse: bool = False) -> Tensor:
     """The fused causal depthwise conv1d: x (B, D, L), weight (D, W), bias (D,) or None -> (B, D, L).
+
+    `reverse`: the same convolution along the reversed sequence (tap k reads x_{t + W - 1 - k}),
+    without flipping x and the output.
 
     CPU tensors of one dtype, float32 or float64, with L >= 1, of any strides: x is read
     channels-last (a copy unless x is a transposed (B, L, D) tensor, as Mamba's in_proj gives);
     the output and x's gradient are transposed views of (B, L, D) tensors.
     """
-    return _FusedCausalConv1d.apply(x, weight, bias, silu)
+    return _FusedCausalConv1d.apply(x, weight, bias, silu, reverse)

@@ -66,12 +66,13 @@ def lanes(d: int, groups_b: int, groups_c: int) -> int:
 
 
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _forward_kernel(u, dts, A, Bt, Ct, Dskip, z, has_D, has_z, T, out, ypre, ckpt, last):
+def _forward_kernel(u, dts, A, Bt, Ct, Dskip, z, has_D, has_z, reverse, T, out, ypre, ckpt, last):
     """Fill out, ypre (B, L, P, W) (ypre: the ungated y, when has_z), ckpt (B, K, P, N, W) and
     last (B, P, N, W).
 
     u, dts (the step sizes), z (B, L, P, W); A (P, N, W); Bt, Ct (B, G, L, N); Dskip (P, W).
     Channel d = p W + w. Absent optional arrays are empty and their `has_` flag is False.
+    `reverse`: step i of the scan reads and writes position t = L - 1 - i.
     """
     nb, length, nblk, w = u.shape
     n_state = A.shape[1]
@@ -86,7 +87,8 @@ def _forward_kernel(u, dts, A, Bt, Ct, Dskip, z, has_D, has_z, T, out, ypre, ckp
         y = np.empty(w, dtype=u.dtype)
         for k in range(chunks):
             ckpt[b, k, p] = h
-            for t in range(k * T, min(length, k * T + T)):
+            for i in range(k * T, min(length, k * T + T)):
+                t = length - 1 - i if reverse else i
                 dtv, uv = dts[b, t, p], u[b, t, p]
                 for j in range(w):
                     du[j] = dtv[j] * uv[j]
@@ -115,7 +117,7 @@ def _forward_kernel(u, dts, A, Bt, Ct, Dskip, z, has_D, has_z, T, out, ypre, ckp
 
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _backward_kernel(
-    u, dts, A, Bt, Ct, Dskip, z, has_D, has_z, T, ckpt, ypre, gout, glast, has_glast,
+    u, dts, A, Bt, Ct, Dskip, z, has_D, has_z, reverse, T, ckpt, ypre, gout, glast, has_glast,
     gu, gdt_out, gz, gA_items, gD_items, gB_parts, gC_parts,
 ):  # fmt: skip
     """Fill gu, gdt_out, gz (B, L, P, W); gA_items (B, P, N, W); gD_items (B, P, W); and
@@ -150,7 +152,7 @@ def _backward_kernel(
             steps = min(length, t0 + T) - t0
             hs[0] = ckpt[b, k, p]
             for i in range(steps):
-                t = t0 + i
+                t = length - 1 - (t0 + i) if reverse else t0 + i
                 dtv, uv = dts[b, t, p], u[b, t, p]
                 for j in range(w):
                     du[j] = dtv[j] * uv[j]
@@ -162,7 +164,7 @@ def _backward_kernel(
                         dec[j] = a
                         h_next[j] = a * h_prev[j] + du[j] * bn
             for i in range(steps - 1, -1, -1):
-                t = t0 + i
+                t = length - 1 - (t0 + i) if reverse else t0 + i
                 dtv, uv, go = dts[b, t, p], u[b, t, p], gout[b, t, p]
                 if has_z:
                     zv, ypv, gzv = z[b, t, p], ypre[b, t, p], gz[b, t, p]
@@ -226,7 +228,7 @@ class _FusedScan(torch.autograd.Function):
     """(out, last state) of the module docstring's recurrence from the step sizes; see `fused_scan`."""
 
     @staticmethod
-    def forward(ctx, u, dt, A, Bt, Ct, D, z):
+    def forward(ctx, u, dt, A, Bt, Ct, D, z, reverse):
         bsz, d, length = u.shape
         n_state = A.shape[1]
         w = lanes(d, Bt.shape[1], Ct.shape[1])
@@ -241,11 +243,12 @@ class _FusedScan(torch.autograd.Function):
         use_torch_threads()
         _forward_kernel(
             uw.numpy(), dtw.numpy(), Aw.numpy(), as_array(Bt, u, 4), as_array(Ct, u, 4), as_array(Dw, u, 2),
-            as_array(zw, u, 4), D is not None, z is not None, CHECKPOINT_STEPS, out.numpy(), ypre.numpy(),
-            ckpt.numpy(), last.numpy(),
+            as_array(zw, u, 4), D is not None, z is not None, reverse, CHECKPOINT_STEPS, out.numpy(),
+            ypre.numpy(), ckpt.numpy(), last.numpy(),
         )  # fmt: skip
         ctx.save_for_backward(uw, dtw, Aw, Bt, Ct, Dw, zw, ckpt, ypre)
         ctx.set_materialize_grads(False)
+        ctx.reverse = reverse
         return _channels(out), last.transpose(2, 3).reshape(bsz, d, n_state)
 
     @staticmethod
@@ -264,7 +267,8 @@ class _FusedScan(torch.autograd.Function):
         gout_w = uw.new_zeros(uw.shape) if gout is None else _lanes_last(gout, w)
         _backward_kernel(
             uw.numpy(), dtw.numpy(), Aw.numpy(), as_array(Bt, uw, 4), as_array(Ct, uw, 4), as_array(Dw, uw, 2),
-            as_array(zw, uw, 4), Dw is not None, zw is not None, CHECKPOINT_STEPS, ckpt.numpy(), ypre.numpy(),
+            as_array(zw, uw, 4), Dw is not None, zw is not None, ctx.reverse, CHECKPOINT_STEPS, ckpt.numpy(),
+            ypre.numpy(),
             gout_w.numpy(), as_array(None if glast is None else _lanes_state(glast, w), uw, 4), glast is not None,
             gu.numpy(), gdt.numpy(), gz.numpy(), gA.numpy(), gD.numpy(), gB.numpy(), gC.numpy(),
         )  # fmt: skip
@@ -277,13 +281,21 @@ class _FusedScan(torch.autograd.Function):
             gC.sum(0) if need[4] else None,
             gD.sum(0).reshape(d) if Dw is not None else None,
             _channels(gz) if zw is not None else None,
+            None,
         )
 
 
 def fused_scan(
-    u: Tensor, dt: Tensor, A: Tensor, Bt: Tensor, Ct: Tensor, D: Tensor | None, z: Tensor | None
+    u: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    Bt: Tensor,
+    Ct: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    reverse: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """The fused scan on CPU tensors: (out (B, D, L), last state h_{L-1} (B, D, N)).
+    """The fused scan on CPU tensors: (out (B, D, L), the last state of the scan (B, D, N)).
 
     Args:
         u: (B, D, L).
@@ -295,6 +307,8 @@ def fused_scan(
             channel d uses group d // (D / G); B and C may have different G.
         D: (D,) or None.
         z: (B, D, L) or None.
+        reverse: scan from position L - 1 down to 0 (h_t from h_{t+1}); the last state is
+            then h_0. The same as flipping u, dt, B, C, z along L and the output back.
 
     u, dt, z of any strides (read channels-last: no copy when they are transposed (B, L, D)
     tensors, as Mamba's in_proj gives), the others contiguous; all of one dtype, float32 or
@@ -303,4 +317,4 @@ def fused_scan(
     and C, D / (G W) copies of (B, G, L, N). The outputs and the gradients of u, dt, z are
     transposed views.
     """
-    return _FusedScan.apply(u, dt, A, Bt, Ct, D, z)
+    return _FusedScan.apply(u, dt, A, Bt, Ct, D, z, reverse)

@@ -114,6 +114,8 @@ def selective_scan_ref(
     z: Tensor | None = None,
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
+    *,
+    reverse: bool = False,
 ) -> Tensor:
     """The recurrence of the module docstring, one step at a time (a loop over L).
 
@@ -129,6 +131,8 @@ def selective_scan_ref(
         z: gate, (B, D, L); the output is multiplied by silu(z).
         delta_bias: added to delta, (D,).
         delta_softplus: apply softplus to delta (after the bias).
+        reverse: run the recurrence from t = L - 1 down to 0, h_t = exp(delta_t A) h_{t+1} +
+            delta_t B_t u_t (the backward direction of a bidirectional scan, without flips).
 
     Returns:
         (B, D, L), in the dtype of u.
@@ -143,12 +147,13 @@ def selective_scan_ref(
     h = u.new_zeros(bsz, d, A.shape[1], dtype=dtype)  # (B, D, N)
     ys = []
     # unbind along L: indexing one step of a (.., L) tensor would cost a full-size gradient per step
-    for dt_t, u_t, b_t, c_t in zip(dt.unbind(-1), uf.unbind(-1), Bg.unbind(-1), Cg.unbind(-1)):
+    steps = list(zip(dt.unbind(-1), uf.unbind(-1), Bg.unbind(-1), Cg.unbind(-1)))
+    for dt_t, u_t, b_t, c_t in reversed(steps) if reverse else steps:
         b_t = b_t.repeat_interleave(rep_b, dim=1)  # (B, D, N): channel d uses group d // (D / G)
         c_t = c_t.repeat_interleave(rep_c, dim=1)  # (B, D, N)
         h = torch.exp(dt_t[..., None] * Af) * h + (dt_t * u_t)[..., None] * b_t  # (B, D, N)
         ys.append((h * c_t).sum(-1))  # (B, D)
-    y = torch.stack(ys, dim=-1)  # (B, D, L)
+    y = torch.stack(ys[::-1] if reverse else ys, dim=-1)  # (B, D, L)
     return _finish(y, uf, None if D is None else D.to(dtype), None if z is None else z.to(dtype)).to(u.dtype)
 
 
@@ -229,6 +234,7 @@ def selective_scan(
     delta_softplus: bool = False,
     return_last_state: bool = False,
     *,
+    reverse: bool = False,
     chunk_size: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """`selective_scan_ref` computed by a fast path: fused on CPU, mamba-ssm's kernel or chunked on CUDA.
@@ -236,8 +242,10 @@ def selective_scan(
     Same arguments, shapes and result as `selective_scan_ref`, plus:
 
     Args:
-        return_last_state: also return the last state h_{L-1}, (B, D, N), in the compute dtype
-            (as mamba-ssm's `selective_scan_fn`).
+        return_last_state: also return the last state of the scan, (B, D, N), in the compute
+            dtype (as mamba-ssm's `selective_scan_fn`): h_{L-1}, or h_0 when `reverse`.
+        reverse: as `selective_scan_ref`. The fused CPU kernel walks the steps backwards; the
+            CUDA paths flip the inputs along L and the output back.
         chunk_size: steps per chunk T of the chunked torch path (`ssm2d.ops.chunked_scan`);
             default `default_chunk_size(L)`. Giving it selects the chunked path on any device.
 
@@ -258,6 +266,13 @@ def selective_scan(
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
+    fused = u.device.type == "cpu" and chunk_size is None
+    if reverse and not fused:  # the CUDA kernel and the chunked scan run forwards: flip along L
+        u, delta, B, C, z = (None if t is None else t.flip(-1) for t in (u, delta, B, C, z))
+        out = selective_scan(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_size=chunk_size
+        )
+        return (out[0].flip(-1), out[1]) if return_last_state else out.flip(-1)
     kernel = _cuda_kernel(u.device) if chunk_size is None and _kernel_supports(u, B, C) else None
     if kernel is not None:
         if return_last_state:
@@ -267,12 +282,11 @@ def selective_scan(
     uf, Af = u.to(dtype), A.to(dtype)
     Df, zf, bias = (None if t is None else t.to(dtype) for t in (D, z, delta_bias))
     Bg, Cg = _grouped(B).to(dtype), _grouped(C).to(dtype)
-    fused = u.device.type == "cpu" and chunk_size is None
     dt = _step_sizes(delta.to(dtype), bias, delta_softplus, fused)
     if fused:
         Bt, Ct = (t.transpose(-1, -2).contiguous() for t in (Bg, Cg))  # (B, G, L, N): a step's states adjacent
         Dc = None if Df is None else Df.contiguous()
-        y, last = fused_scan(uf, dt, Af.contiguous(), Bt, Ct, Dc, zf)  # u, dt, z: any strides
+        y, last = fused_scan(uf, dt, Af.contiguous(), Bt, Ct, Dc, zf, reverse)  # u, dt, z: any strides
         y = y.to(u.dtype)
         return (y, last) if return_last_state else y
     length = u.shape[-1]
