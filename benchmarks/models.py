@@ -20,7 +20,8 @@ Further sections, each with its own JSON key and table:
 - "compile": the training step of `vit_sd_32_ssm2d` (batch 8 and 64) under `torch.compile`
   against eager mode, in alternation, with the compile time (the first compiled step).
 - "comparators": one training step of the other spatial layers' models at batch 64 on 28 x 28 x 1
-  input against `vit_mini_28`, all in one alternation: Vim and V2M (the ViT with their layers and
+  input against `vit_mini_28`, all in one alternation (each ratio is the median over repetitions
+  of the ratio within one repetition, where the models run seconds apart): Vim and V2M (the ViT with their layers and
   the stand-alone models; targets: at most 2x for Vim, 3x for V2M), VMamba's SS2D in the ViT and
   the VMamba backbone, and Mega with the 2-D SSM. Beside each time, the step's matrix-multiply
   and convolution FLOPs (`torch.utils.flop_counter`, forward + backward; the scans' own
@@ -113,8 +114,8 @@ def infer_fn(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return infer
 
 
-def alternate(fns: list[Callable[[], None]], reps: int, warmup: int = 2) -> list[float]:
-    """Median ms of each function, timed in turn within every repetition."""
+def alternate_runs(fns: list[Callable[[], None]], reps: int, warmup: int = 2) -> list[list[float]]:
+    """Seconds of each function in every repetition, the functions timed in turn within each."""
     times: list[list[float]] = [[] for _ in fns]
     for rep in range(warmup + reps):
         for fn, out in zip(fns, times, strict=True):
@@ -122,7 +123,12 @@ def alternate(fns: list[Callable[[], None]], reps: int, warmup: int = 2) -> list
             fn()
             if rep >= warmup:
                 out.append(time.perf_counter() - start)
-    return [1e3 * statistics.median(t) for t in times]
+    return times
+
+
+def alternate(fns: list[Callable[[], None]], reps: int, warmup: int = 2) -> list[float]:
+    """Median ms of each function, timed in turn within every repetition."""
+    return [1e3 * statistics.median(t) for t in alternate_runs(fns, reps, warmup)]
 
 
 def run(pairs: list[tuple[str, str]], batches: list[int], reps: int) -> list[dict]:
@@ -165,13 +171,17 @@ def measure_comparators(batch: int, reps: int) -> dict:
     x = torch.randn(batch, c, h, w)
     y = torch.randint(0, models[0].num_classes, (batch,))
     flops = [step_flops(m, x, y) for m in models]
-    times = alternate([train_step_fn(m, x, y) for m in models], reps)
+    runs = alternate_runs([train_step_fn(m, x, y) for m in models], reps)
+    times = [1e3 * statistics.median(r) for r in runs]
+    # a repetition times the models within seconds of each other: the ratio within it sees one
+    # machine speed, which drifts on this VM by up to 1.6x from minute to minute
+    ratios = [statistics.median(t / b for t, b in zip(r, runs[0], strict=True)) for r in runs]
     print(f"comparators (batch {batch}, train ms): " + ", ".join(f"{n} {t:.1f}" for n, t in zip(names, times)))
     return {
         "baseline": COMPARATOR_BASELINE, "input": f"{c}x{h}x{w}", "batch": batch, "reps": reps,
         "models": [{"model": n, "params": sum(p.numel() for p in m.parameters()), "train_ms": t,
-                    "ratio": t / times[0], "gflops": f / 1e9, "flop_ratio": f / flops[0]}
-                   for n, m, t, f in zip(names, models, times, flops)],
+                    "ratio": q, "gflops": f / 1e9, "flop_ratio": f / flops[0]}
+                   for n, m, t, q, f in zip(names, models, times, ratios, flops)],
     }  # fmt: skip
 
 
@@ -204,7 +214,8 @@ def comparator_markdown(payload: dict) -> str:
         f"Command: `{payload['command']}`  ",
         f"Run: {payload['date']} on {m['cpu']}, {m['threads']} threads, torch {m['torch']}; one training step "
         f"(forward, cross-entropy backward, AdamW step) at batch {comp['batch']} on {comp['input']} input, the "
-        f"{len(comp['models'])} models timed in one alternation, medians of {comp['reps']} repetitions. "
+        f"{len(comp['models'])} models timed in one alternation, {comp['reps']} repetitions: the times are "
+        "medians, each ratio the median over repetitions of the ratio within one. "
         "Counted GFLOP: the matrix multiplies and convolutions of one forward + backward "
         "(`torch.utils.flop_counter`); the scans' own arithmetic is not in it.",
         "",
