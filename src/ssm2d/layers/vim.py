@@ -92,9 +92,9 @@ class VimMixer(nn.Module):
 
     def mix(self, x: Tensor) -> Tensor:
         """The mixer on a token sequence: (B, L, C) -> (B, L, C), L >= 1."""
-        # split before transposing: u and z are (B, E, L) views of channels-last halves, which the
-        # fused ops read without a copy, and their gradients concatenate along contiguous rows
-        u, z = (rearrange(t, "b l e -> b e l") for t in self.in_proj(x).chunk(2, dim=-1))
+        # split before transposing, and make each half contiguous once for both directions: u and z
+        # are then (B, E, L) views of channels-last tensors, which the fused ops read without a copy
+        u, z = (rearrange(t.contiguous(), "b l e -> b e l") for t in self.in_proj(x).chunk(2, dim=-1))
         forward, backward = self.directions
         y = forward(u, z, self.fast_path) + backward(u, z, self.fast_path, reverse=True)  # (B, E, L)
         # the div2 merge, (y_forward + y_backward) / 2, folded into out_proj's weight
