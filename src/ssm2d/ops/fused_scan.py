@@ -66,9 +66,9 @@ def lanes(d: int, groups_b: int, groups_c: int) -> int:
 
 
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _forward_kernel(u, dts, A, Bt, Ct, Dskip, z, has_D, has_z, reverse, T, out, ypre, ckpt, last):
-    """Fill out, ypre (B, L, P, W) (ypre: the ungated y, when has_z), ckpt (B, K, P, N, W) and
-    last (B, P, N, W).
+def _forward_kernel(u, dts, A, Bt, Ct, Dskip, z, has_D, has_z, reverse, has_last, T, out, ypre, ckpt, last):
+    """Fill out, ypre (B, L, P, W) (ypre: the ungated y, when has_z), ckpt (B, K, P, N, W) and,
+    when has_last, the last state (B, D, N).
 
     u, dts (the step sizes), z (B, L, P, W); A (P, N, W); Bt, Ct (B, G, L, N); Dskip (P, W).
     Channel d = p W + w. Absent optional arrays are empty and their `has_` flag is False.
@@ -112,7 +112,10 @@ def _forward_kernel(u, dts, A, Bt, Ct, Dskip, z, has_D, has_z, reverse, T, out, 
                         o[j] = y[j] * zv[j] / (1 + fast_exp(-zv[j]))
                 else:
                     o[:] = y
-        last[b, p] = h
+        if has_last:
+            for n in range(n_state):
+                for j in range(w):
+                    last[b, p * w + j, n] = h[n, j]
 
 
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -228,7 +231,7 @@ class _FusedScan(torch.autograd.Function):
     """(out, last state) of the module docstring's recurrence from the step sizes; see `fused_scan`."""
 
     @staticmethod
-    def forward(ctx, u, dt, A, Bt, Ct, D, z, reverse):
+    def forward(ctx, u, dt, A, Bt, Ct, D, z, reverse, want_last):
         bsz, d, length = u.shape
         n_state = A.shape[1]
         w = lanes(d, Bt.shape[1], Ct.shape[1])
@@ -239,17 +242,17 @@ class _FusedScan(torch.autograd.Function):
         out = torch.empty_like(uw)
         ypre = torch.empty_like(uw) if z is not None else u.new_empty(0, 0, 0, 0)
         ckpt = u.new_empty(bsz, -(-length // CHECKPOINT_STEPS), d // w, n_state, w)
-        last = u.new_empty(bsz, d // w, n_state, w)
+        last = u.new_empty(bsz, d, n_state) if want_last else u.new_empty(0, 0, 0)
         use_torch_threads()
         _forward_kernel(
             uw.numpy(), dtw.numpy(), Aw.numpy(), as_array(Bt, u, 4), as_array(Ct, u, 4), as_array(Dw, u, 2),
-            as_array(zw, u, 4), D is not None, z is not None, reverse, CHECKPOINT_STEPS, out.numpy(),
+            as_array(zw, u, 4), D is not None, z is not None, reverse, want_last, CHECKPOINT_STEPS, out.numpy(),
             ypre.numpy(), ckpt.numpy(), last.numpy(),
         )  # fmt: skip
         ctx.save_for_backward(uw, dtw, Aw, Bt, Ct, Dw, zw, ckpt, ypre)
         ctx.set_materialize_grads(False)
         ctx.reverse = reverse
-        return _channels(out), last.transpose(2, 3).reshape(bsz, d, n_state)
+        return _channels(out), last if want_last else None
 
     @staticmethod
     @first_order_only("selective_scan (fused CPU kernel)")
@@ -282,6 +285,7 @@ class _FusedScan(torch.autograd.Function):
             gD.sum(0).reshape(d) if Dw is not None else None,
             _channels(gz) if zw is not None else None,
             None,
+            None,
         )
 
 
@@ -294,8 +298,11 @@ def fused_scan(
     D: Tensor | None,
     z: Tensor | None,
     reverse: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """The fused scan on CPU tensors: (out (B, D, L), the last state of the scan (B, D, N)).
+    return_last_state: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """The fused scan on CPU tensors: (out (B, D, L), the last state of the scan (B, D, N), or
+    None when not `return_last_state`: then the kernel does not write it, which at V2M's shapes
+    (B 1792, D 128, N 16) saved a 15 MB state and its copy per call).
 
     Args:
         u: (B, D, L).
@@ -317,4 +324,4 @@ def fused_scan(
     and C, D / (G W) copies of (B, G, L, N). The outputs and the gradients of u, dt, z are
     transposed views.
     """
-    return _FusedScan.apply(u, dt, A, Bt, Ct, D, z, reverse)
+    return _FusedScan.apply(u, dt, A, Bt, Ct, D, z, reverse, return_last_state)

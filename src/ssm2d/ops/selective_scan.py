@@ -286,7 +286,7 @@ def selective_scan(
     if fused:
         Bt, Ct = (t.transpose(-1, -2).contiguous() for t in (Bg, Cg))  # (B, G, L, N): a step's states adjacent
         Dc = None if Df is None else Df.contiguous()
-        y, last = fused_scan(uf, dt, Af.contiguous(), Bt, Ct, Dc, zf, reverse)  # u, dt, z: any strides
+        y, last = fused_scan(uf, dt, Af.contiguous(), Bt, Ct, Dc, zf, reverse, return_last_state)  # any strides
         y = y.to(u.dtype)
         return (y, last) if return_last_state else y
     length = u.shape[-1]
