@@ -558,3 +558,28 @@ def test_val_fraction_keeps_a_class_balanced_part_of_the_validation_set(tmp_path
         assert len(labels) == expected and sorted(set(labels)) == list(range(10))
     with pytest.raises(ConfigError, match=r"val_fraction: expected a fraction in \(0, 1\], got 0.0"):
         TrainConfig(**{**values, "val_fraction": 0.0})
+
+
+def test_a_timing_pass_written_by_another_process_survives_the_running_study(tmp_path, data_dir):
+    """`--timing` run while a study trains into the same folder: the study's later rewrites of
+    study.json keep the entries, and its closing pass does not time them again."""
+    plan = load_study(_study_file(tmp_path, data_dir, seeds=[1]))
+    out = tmp_path / "out"
+    calls: list[str] = []
+    entries = {"vit_mini_28": {"step_seconds": 0.5, "ratio": 1.0}, "vit_mini_28_ssm2d": {"step_seconds": 0.75, "ratio": 1.5}}
+
+    def train_and_time_elsewhere(cfg, resume):
+        summary = _counting(calls)(cfg, resume)
+        if len(calls) == 1:  # the other process rewrites study.json with its timing object
+            payload = json.loads((out / "study.json").read_text())
+            header = dict(batch_size=8, threads=torch.get_num_threads(), rounds=1, steps=1, warmup=0)
+            payload["timing"] = {**header, "reference": "vit_mini_28", "command": "elsewhere", "models": entries}
+            (out / "study.json").write_text(json.dumps(payload))
+        return summary
+
+    result = run_study(plan, out, train_fn=train_and_time_elsewhere, timing_settings=TINY)
+    assert len(calls) == len(plan.runs)
+    models = result["timing"]["models"]
+    assert {k: models[k] for k in entries} == entries  # kept, not timed again
+    assert list(models) == ["vit_mini_28", "vit_mini_28_ssm2d", "vit_mini_28_s4nd"]  # only s4nd was timed
+    assert json.loads((out / "study.json").read_text())["timing"]["models"] == models

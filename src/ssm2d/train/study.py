@@ -193,6 +193,17 @@ def _write(out: Path, payload: dict[str, Any]) -> None:
     write_text_atomic(out / "study.json", json.dumps(payload, indent=1) + "\n")
 
 
+def _with_disk_timing(out: Path, timed: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`timed` merged over the timing object in DIR/study.json now: a `--timing` pass in another
+    process may have written entries since this study loaded the file, and a rewrite must keep them."""
+    path = out / "study.json"
+    try:
+        on_disk = timing_of(json.loads(path.read_text()), path, "study.json") if path.is_file() else None
+    except (OSError, json.JSONDecodeError, ConfigError):
+        return timed  # the file is written atomically: unreadable means not ours to merge
+    return merged_timing(on_disk, timed)
+
+
 def run_study(
     plan: StudyPlan,
     output: str | Path,
@@ -244,10 +255,12 @@ def run_study(
             log.info("study: %s: evaluations %s", run.id, ", ".join(missing))
             _evaluate(run, record, folder, missing)
         records[run.id] = record
+        timed = _with_disk_timing(out, timed)
         _write(out, study_payload(plan, records, command, timed))
     settings = timing_settings or (None if plan.quick else DEFAULT_TIMING)
     if settings is None:
         return study_payload(plan, records, command, timed)
+    timed = _with_disk_timing(out, timed)
     alike = measured_alike(timed, timing_header(plan, settings))
     configs = timed_configs(plan, selected, models)
     untimed = {k: c for k, c in configs.items() if not alike or k not in timed["models"]}
