@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ..ops.cross_scan import cross_merge, cross_merge_ref, cross_scan, cross_scan_ref
 from ..ops.selective_scan import selective_scan, selective_scan_ref
+from ..ops.step_sizes import step_sizes
 from .checks import check_grid_input, check_positive_ints
 from .mamba_init import init_dt_proj, s4d_real_a_log
 from .tagged import NO_WEIGHT_DECAY, TaggedModule
@@ -143,16 +144,22 @@ class SS2D(nn.Module):
         b, e, _, _ = u.shape
         xs = cross_scan(u)  # (B, K, E, L)
         x_proj = torch.stack([d.x_proj.weight for d in self.directions])  # (K, R + 2N, E)
-        dt_proj = torch.stack([d.dt_proj.weight for d in self.directions])  # (K, E, R)
         dbl = torch.einsum("bkel,kce->bkcl", xs, x_proj)  # (B, K, R + 2N, L)
         dt, bs, cs = dbl.split([self.dt_rank, self.state_dim, self.state_dim], dim=2)
-        delta = torch.einsum("bkrl,ker->bkel", dt, dt_proj)  # (B, K, E, L); bias added in the scan
         A = -torch.exp(torch.cat([d.A_log for d in self.directions]))  # (K E, N)
         D = torch.cat([d.D for d in self.directions])  # (K E,)
         bias = torch.cat([d.dt_proj.bias for d in self.directions])  # (K E,)
+        if u.device.type == "cpu":  # the K dt_proj as one block-diagonal map, bias and softplus fused
+            blocks = torch.block_diag(*(d.dt_proj.weight for d in self.directions))  # (K E, K R)
+            delta = step_sizes(rearrange(dt, "b k r l -> b l (k r)"), blocks, bias)  # (B, L, K E)
+            delta, bias, softplus = rearrange(delta, "b l c -> b c l"), None, False  # a channels-last view
+        else:  # the bias and softplus applied in the scan, as mamba-ssm's kernel does
+            dt_proj = torch.stack([d.dt_proj.weight for d in self.directions])  # (K, E, R)
+            delta = torch.einsum("bkrl,ker->bkel", dt, dt_proj).flatten(1, 2)  # (B, K E, L)
+            softplus = True
         y = selective_scan(
-            xs.flatten(1, 2), delta.flatten(1, 2), A, bs.contiguous(), cs.contiguous(),
-            D=D, delta_bias=bias, delta_softplus=True,
+            xs.flatten(1, 2), delta, A, bs.contiguous(), cs.contiguous(),
+            D=D, delta_bias=bias, delta_softplus=softplus,
         )  # fmt: skip
         return y.view(b, K, e, xs.shape[-1])
 
