@@ -384,18 +384,20 @@ def test_table_costs_an_arm_by_its_timed_step(tmp_path):
                                                                        (False, 10.5, None)]  # fmt: skip
     text = cost_text(payload)
     assert "one synthetic batch of 128 images; no data loading, no evaluation) times the run's steps per epoch" in text
-    assert "2 warm-up steps of each, then 3 rounds that each time 5 steps of every model in turn" in text
-    assert "at 2 threads. '× ref' is that time over `a`'s in the same pass" in text
+    assert "2 warm-up steps of each, then 3 rounds that each time, model after model, 5 steps of `a` and then" in text
+    assert "at 2 threads. '× ref' is the median over rounds of the model's step time over `a`'s just before it" in text
     assert text.endswith("Last timing pass: `ssm2d study study.yaml --output out --timing`.")
     assert text in render_results(payload, tmp_path / "docs").read_text()
 
 
-def test_time_training_steps_alternates_rounds_and_keeps_the_fastest(monkeypatch):
-    """Warm-up of every model, then rounds of `steps` steps of each model in turn; the step time is
-    the minimum over rounds of a round's mean (on a fake clock)."""
+def test_time_training_steps_times_each_model_right_after_the_reference(monkeypatch):
+    """Warm-up of every model, then rounds that time `steps` steps of the reference and then of
+    each other model in turn; a ratio is the median over rounds of model / reference-just-before,
+    a step time that ratio x the reference's fastest mean (on a fake clock whose speed drifts)."""
     clock = [0.0]
     calls: list[tuple[str, int]] = []
-    per_step = {"ref": [3.0, 1.0, 2.0], "other": [6.0, 2.5, 5.0]}  # seconds per step in rounds 1, 2, 3
+    # seconds per step at each timed call: the machine slows down and speeds up between rounds
+    per_step = {"ref": [1.0, 1.0, 3.0, 3.0, 2.0, 2.0], "a": [2.0, 9.0, 5.0], "b": [1.5, 4.5, 3.0]}
 
     def fake_runner(cfg, seed):
         def run(steps: int) -> None:
@@ -407,10 +409,13 @@ def test_time_training_steps_alternates_rounds_and_keeps_the_fastest(monkeypatch
 
     monkeypatch.setattr(study_timing, "_step_runner", fake_runner)
     monkeypatch.setattr(study_timing, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
-    configs = {"ref": SimpleNamespace(model="ref"), "other": SimpleNamespace(model="other")}
+    configs = {name: SimpleNamespace(model=name) for name in ("ref", "a", "b")}
     result = time_training_steps(configs, "ref", TimingSettings(rounds=3, steps=4, warmup=2))
-    assert calls == [("ref", 2), ("other", 2)] + [("ref", 4), ("other", 4)] * 3
-    assert result == {"ref": {"step_seconds": 1.0, "ratio": 1.0}, "other": {"step_seconds": 2.5, "ratio": 2.5}}
+    assert calls == [("ref", 2), ("a", 2), ("b", 2)] + [("ref", 4), ("a", 4), ("ref", 4), ("b", 4)] * 3
+    # a: 2/1, 9/3, 5/2 -> median 2.5; b: 1.5/1, 4.5/3, 3/2 -> 1.5; the reference's fastest step 1.0
+    assert result == {"ref": {"step_seconds": 1.0, "ratio": 1.0}, "a": {"step_seconds": 2.5, "ratio": 2.5},
+                      "b": {"step_seconds": 1.5, "ratio": 1.5}}  # fmt: skip
+    configs = {"ref": SimpleNamespace(model="ref"), "other": SimpleNamespace(model="other")}
     with pytest.raises(ValueError, match="reference: expected one of the timed models ref, other, got 'vit'"):
         time_training_steps(configs, "vit")
     with pytest.raises(ValueError, match="rounds: expected an integer >= 1, got 0"):
@@ -572,7 +577,8 @@ def test_a_timing_pass_written_by_another_process_survives_the_running_study(tmp
         summary = _counting(calls)(cfg, resume)
         if len(calls) == 1:  # the other process rewrites study.json with its timing object
             payload = json.loads((out / "study.json").read_text())
-            header = dict(batch_size=8, threads=torch.get_num_threads(), rounds=1, steps=1, warmup=0)
+            header = dict(method=study_timing.TIMING_METHOD, batch_size=8, threads=torch.get_num_threads(), rounds=1,
+                          steps=1, warmup=0)
             payload["timing"] = {**header, "reference": "vit_mini_28", "command": "elsewhere", "models": entries}
             (out / "study.json").write_text(json.dumps(payload))
         return summary

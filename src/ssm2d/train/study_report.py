@@ -187,10 +187,11 @@ def cost_text(payload: dict[str, Any]) -> str:
         f"optimizer step of the arm's model on one synthetic batch of {timing['batch_size']} images; no data "
         "loading, no evaluation) times the run's steps per epoch. The steps are timed side by side, not during "
         f"the runs: a timing pass builds every model, runs {_count(timing['warmup'], 'warm-up step')} of each, "
-        f"then {_count(timing['rounds'], 'round')} that each time {_count(timing['steps'], 'step')} of every model "
-        "in turn; a model's step "
-        "time is its fastest round's mean (the machine's speed drifts, and every model gets every minute), at "
-        f"{timing['threads']} threads. '× ref' is that time over `{timing['reference']}`'s in the same pass. Last "
+        f"then {_count(timing['rounds'], 'round')} that each time, model after model, "
+        f"{_count(timing['steps'], 'step')} of `{timing['reference']}` and then as many of the model, at "
+        f"{timing['threads']} threads. '× ref' is the median over rounds of the model's step time over "
+        f"`{timing['reference']}`'s just before it (the machine's speed drifts from minute to minute, little within "
+        f"seconds), and a step's time is that ratio times `{timing['reference']}`'s fastest step in the pass. Last "
         f"timing pass: `{command}`."
     )
 

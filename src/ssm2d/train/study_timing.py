@@ -3,11 +3,11 @@
 The runs of a study train one after another on a machine that may be busy (other jobs, a paused
 process), so their wall time per epoch (`epoch_seconds`) is a rough cost at best. A timing pass
 times the training step alone (forward, backward and optimizer step on one synthetic batch; no
-data loading, no evaluation) of several models in alternating rounds, so that a slow minute of the
-machine falls on every model alike, and keeps each model's fastest round.
+data loading, no evaluation) of several models in alternating rounds, each model right after the
+reference model, so that a slow minute of the machine falls on both sides of every ratio.
 
-study.json keeps the entries in its "timing" object: what they were measured under (batch size,
-threads, rounds, steps, warm-up, the reference model) and, per timing key, the step time and its
+study.json keeps the entries in its "timing" object: what they were measured under (method, batch
+size, threads, rounds, steps, warm-up, the reference model) and, per timing key, the step time and its
 ratio to the reference's. Entries measured otherwise are replaced, never mixed.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -33,7 +34,8 @@ from .study_config import StudyPlan, setting_slug
 from .trainer import build_loss, build_model, model_args, train_sampler
 
 __all__ = [
-    "DEFAULT_TIMING", "QUICK_TIMING", "STEP_KEYS", "TimingSettings", "measured_alike", "merged_timing",
+    "DEFAULT_TIMING", "QUICK_TIMING", "STEP_KEYS", "TIMING_METHOD", "TimingSettings", "measured_alike",
+    "merged_timing",
     "time_training_steps", "timed_configs", "timing_header", "timing_key", "timing_of", "timing_pass",
     "timing_reference", "train_steps_per_epoch",
 ]  # fmt: skip
@@ -107,10 +109,12 @@ def time_training_steps(
     """Time the training step of every config's model, side by side, and relate it to `reference`'s.
 
     Every model is built and warmed up first (`settings.warmup` steps each, untimed); then each of
-    `settings.rounds` rounds times `settings.steps` consecutive steps of every model in turn. A
-    model's step time is the minimum over rounds of its mean step time in a round: the machine's
-    speed may drift from minute to minute, and the alternation puts every model in every minute.
-    All models stay in memory for the whole pass.
+    `settings.rounds` rounds times, for every other model in turn, `settings.steps` consecutive
+    steps of the reference and then as many of the model. A model's ratio is the median over
+    rounds of its mean step time over the reference's just before it: the machine's speed drifts
+    from minute to minute (on the 2-core VM of docs/benchmarks.md by up to 1.6x), but little
+    within the seconds between the two. Its step time is that ratio times the reference's fastest
+    mean step time in the pass. All models stay in memory for the whole pass.
 
     Args:
         configs: name -> the resolved config of a run of the model (its model, model_kwargs,
@@ -121,8 +125,8 @@ def time_training_steps(
 
     Returns:
         name -> {"step_seconds": the step time in seconds (one optimizer step on a batch of the
-        config's batch_size), "ratio": step_seconds / the reference's step_seconds}, in the
-        order of `configs`.
+        config's batch_size), "ratio": the step time over the reference's (1.0 for the
+        reference)}, in the order of `configs`.
 
     Raises:
         ValueError: `reference` is not a name of `configs`.
@@ -138,13 +142,22 @@ def time_training_steps(
     if settings.warmup:
         for run in runners.values():
             run(settings.warmup)
-    best = dict.fromkeys(runners, math.inf)  # name -> seconds per step
+    def seconds_per_step(name: str) -> float:
+        start = time.perf_counter()
+        runners[name](settings.steps)
+        return (time.perf_counter() - start) / settings.steps
+
+    fastest = math.inf  # the reference's fastest mean step, seconds
+    ratios: dict[str, list[float]] = {name: [] for name in runners if name != reference}
     for _ in range(settings.rounds):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            run(settings.steps)
-            best[name] = min(best[name], (time.perf_counter() - start) / settings.steps)
-    result = {name: {"step_seconds": s, "ratio": s / best[reference]} for name, s in best.items()}
+        for name in ratios:
+            before = seconds_per_step(reference)
+            fastest = min(fastest, before)
+            ratios[name].append(seconds_per_step(name) / before)
+    if not ratios:  # the reference alone
+        fastest = min(seconds_per_step(reference) for _ in range(settings.rounds))
+    ratio = {name: 1.0 if name == reference else statistics.median(ratios[name]) for name in runners}
+    result = {name: {"step_seconds": fastest * ratio[name], "ratio": ratio[name]} for name in runners}
     for name, entry in result.items():
         log.info("timing: %s: %.4f s per step, %.2f x %s", name, entry["step_seconds"], entry["ratio"], reference)
     return result
@@ -172,7 +185,11 @@ def timing_of(payload: dict[str, Any], path: Path, source: str) -> dict[str, Any
 
 
 # What a timing object's entries were measured under; entries measured otherwise are not mixed.
-_TIMING_HEADER = ("batch_size", "threads", "rounds", "steps", "warmup", "reference")
+_TIMING_HEADER = ("method", "batch_size", "threads", "rounds", "steps", "warmup", "reference")
+# The measuring method of `time_training_steps`: each model's ratio to the reference timed just
+# before it, median over rounds. (Entries of the first method, each model's fastest round on its
+# own, carry no "method" and are timed again.)
+TIMING_METHOD = "adjacent-reference ratio, median over rounds"
 
 
 def timing_reference(plan: StudyPlan) -> tuple[str, TrainConfig]:
@@ -185,8 +202,8 @@ def timing_reference(plan: StudyPlan) -> tuple[str, TrainConfig]:
 
 def timing_header(plan: StudyPlan, settings: TimingSettings) -> dict[str, Any]:
     reference, config = timing_reference(plan)
-    return {"batch_size": config.batch_size, "threads": torch.get_num_threads(), "rounds": settings.rounds,
-            "steps": settings.steps, "warmup": settings.warmup, "reference": reference}  # fmt: skip
+    return {"method": TIMING_METHOD, "batch_size": config.batch_size, "threads": torch.get_num_threads(),
+            "rounds": settings.rounds, "steps": settings.steps, "warmup": settings.warmup, "reference": reference}
 
 
 def measured_alike(timing: dict[str, Any] | None, header: dict[str, Any]) -> bool:
