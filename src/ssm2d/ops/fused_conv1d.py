@@ -33,19 +33,13 @@ from torch import Tensor
 
 from .fast_exp import fast_exp
 from .first_order import first_order_only
-from .numba_arrays import FASTMATH, as_array, use_torch_threads
+from .numba_arrays import FASTMATH, as_array, position, use_torch_threads
 
 __all__ = ["fused_causal_conv1d"]
 
 
 # TC: steps per parallel block of the backward; each block recomputes W - 1 steps of the next.
 _BACKWARD_STEPS = 64
-
-
-@numba.njit(inline="always")
-def _position(t, length, reverse):
-    """The position of step t: t, or L - 1 - t when the sequence is read in reverse."""
-    return length - 1 - t if reverse else t
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
@@ -59,7 +53,7 @@ def _pre_activation(x, weight, bias, has_bias, reverse, b, t, p):
     for k in range(width):
         s = t - (width - 1) + k
         if s >= 0:
-            xs, wk = x[b, _position(s, length, reverse)], weight[k]
+            xs, wk = x[b, position(s, length, reverse)], weight[k]
             for j in range(p.shape[0]):
                 p[j] += wk[j] * xs[j]
 
@@ -71,7 +65,7 @@ def _forward_kernel(x, weight, bias, has_bias, silu, reverse, out):
     nb, length, nd = x.shape
     for item in numba.prange(nb * length):
         b, t = item // length, item % length
-        p = out[b, _position(t, length, reverse)]
+        p = out[b, position(t, length, reverse)]
         _pre_activation(x, weight, bias, has_bias, reverse, b, t, p)
         if silu:
             for j in range(nd):
@@ -92,7 +86,7 @@ def _backward_kernel(x, weight, bias, has_bias, silu, reverse, TC, gout, gx, gw_
         gp = np.empty((t2 - t0, nd), dtype=x.dtype)  # dL/dp_t, t0 <= t < t2
         for t in range(t0, t2):
             g = gp[t - t0]
-            go = gout[b, _position(t, length, reverse)]
+            go = gout[b, position(t, length, reverse)]
             if silu:
                 _pre_activation(x, weight, bias, has_bias, reverse, b, t, g)
                 for j in range(nd):
@@ -110,11 +104,11 @@ def _backward_kernel(x, weight, bias, has_bias, silu, reverse, TC, gout, gx, gw_
             for k in range(width):
                 s = t - (width - 1) + k  # tap k at step t reads x_s
                 if s >= 0:
-                    xs, gwk = x[b, _position(s, length, reverse)], gw[k]
+                    xs, gwk = x[b, position(s, length, reverse)], gw[k]
                     for j in range(nd):
                         gwk[j] += g[j] * xs[j]
         for s in range(t0, t1):
-            gxs = gx[b, _position(s, length, reverse)]
+            gxs = gx[b, position(s, length, reverse)]
             gxs[:] = 0
             for k in range(width):
                 t = s + width - 1 - k  # x_s feeds p_t through tap k

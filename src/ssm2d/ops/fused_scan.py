@@ -44,7 +44,7 @@ from torch import Tensor
 
 from .fast_exp import fast_exp
 from .first_order import first_order_only
-from .numba_arrays import FASTMATH, as_array, use_torch_threads
+from .numba_arrays import FASTMATH, as_array, position, use_torch_threads
 
 __all__ = ["CHECKPOINT_STEPS", "MAX_LANES", "fused_scan", "lanes"]
 
@@ -88,7 +88,7 @@ def _forward_kernel(u, dts, A, Bt, Ct, Dskip, z, has_D, has_z, reverse, has_last
         for k in range(chunks):
             ckpt[b, k, p] = h
             for i in range(k * T, min(length, k * T + T)):
-                t = length - 1 - i if reverse else i
+                t = position(i, length, reverse)
                 dtv, uv = dts[b, t, p], u[b, t, p]
                 for j in range(w):
                     du[j] = dtv[j] * uv[j]
@@ -155,7 +155,7 @@ def _backward_kernel(
             steps = min(length, t0 + T) - t0
             hs[0] = ckpt[b, k, p]
             for i in range(steps):
-                t = length - 1 - (t0 + i) if reverse else t0 + i
+                t = position(t0 + i, length, reverse)
                 dtv, uv = dts[b, t, p], u[b, t, p]
                 for j in range(w):
                     du[j] = dtv[j] * uv[j]
@@ -167,7 +167,7 @@ def _backward_kernel(
                         dec[j] = a
                         h_next[j] = a * h_prev[j] + du[j] * bn
             for i in range(steps - 1, -1, -1):
-                t = length - 1 - (t0 + i) if reverse else t0 + i
+                t = position(t0 + i, length, reverse)
                 dtv, uv, go = dts[b, t, p], u[b, t, p], gout[b, t, p]
                 if has_z:
                     zv, ypv, gzv = z[b, t, p], ypre[b, t, p], gz[b, t, p]

@@ -1,5 +1,5 @@
-"""Handing torch CPU tensors to numba kernels: numpy views, the thread count, and the kernels'
-floating-point flags."""
+"""Handing torch CPU tensors to numba kernels: numpy views, the thread count, the kernels'
+floating-point flags, and the position of a step in a sequence read forwards or in reverse."""
 
 from __future__ import annotations
 
@@ -8,12 +8,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["FASTMATH", "as_array", "use_torch_threads"]
+__all__ = ["FASTMATH", "as_array", "position", "use_torch_threads"]
 
 # The kernels' floating-point freedoms (`numba.njit(fastmath=FASTMATH)`): reassociation lets LLVM
 # vectorise sums (over lanes or time steps), contraction gives FMAs. NaN and infinity keep IEEE
 # semantics (no nnan/ninf).
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+
+
+@numba.njit(inline="always")
+def position(t: int, length: int, reverse: bool) -> int:
+    """Inside a kernel: the position of step t of a length-L sequence, t, or L - 1 - t when the
+    sequence is read in reverse (a bidirectional mixer's backward direction)."""
+    return length - 1 - t if reverse else t
 
 
 def as_array(t: Tensor | None, like: Tensor, ndim: int) -> np.ndarray:

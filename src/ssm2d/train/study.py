@@ -35,7 +35,7 @@ from .study_timing import (
 )
 from .trainer import train
 
-__all__ = ["FORMAT", "load_records", "run_study", "study_payload", "time_study"]
+__all__ = ["FORMAT", "run_study", "study_payload", "time_study"]
 
 log = logging.getLogger("ssm2d.study")
 
@@ -95,6 +95,7 @@ def _needs(run: PlannedRun, record: dict[str, Any]) -> list[str]:
 
 
 def _read_study_json(path: Path, source: str) -> dict[str, Any]:
+    """The payload of a study.json; ConfigError (naming `source`) when it is not one."""
     try:
         payload = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -104,17 +105,14 @@ def _read_study_json(path: Path, source: str) -> dict[str, Any]:
     return payload
 
 
-def load_records(path: Path, plan: StudyPlan, source: str) -> dict[str, dict[str, Any]]:
-    """The finished records of a study.json that belong to `plan`, each checked against its run.
+def _planned_records(payload: dict[str, Any], path: Path, plan: StudyPlan, source: str) -> dict[str, dict[str, Any]]:
+    """The finished records of a study.json's payload (read from `path`) that belong to `plan`,
+    each checked against its run.
 
     Raises:
-        ConfigError: the file is not a study.json, or a record of a planned run was trained with
-            another resolved config (a changed recipe needs a new output folder).
+        ConfigError: a record of a planned run was trained with another resolved config (a changed
+            recipe needs a new output folder).
     """
-    return _planned_records(_read_study_json(path, source), path, plan, source)
-
-
-def _planned_records(payload: dict[str, Any], path: Path, plan: StudyPlan, source: str) -> dict[str, dict[str, Any]]:
     records = {}
     for run_id, record in payload["runs"].items():
         run = plan.runs.get(run_id)

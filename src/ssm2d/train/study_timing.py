@@ -192,12 +192,17 @@ _TIMING_HEADER = ("method", "batch_size", "threads", "rounds", "steps", "warmup"
 TIMING_METHOD = "adjacent-reference ratio, median over rounds"
 
 
+def _first_run_config(plan: StudyPlan, experiment: str, arm: str) -> TrainConfig:
+    """The resolved config of an arm's first planned run (its seeds differ in nothing timed)."""
+    run_id = next(iter(plan.arm_runs[(experiment, arm)].values()))
+    return plan.runs[run_id].config
+
+
 def timing_reference(plan: StudyPlan) -> tuple[str, TrainConfig]:
     """The timing unit: the first arm of the first experiment (its key and first run's config)."""
     exp = plan.experiments[0]
     arm = exp.arms[0]
-    run_id = next(iter(plan.arm_runs[(exp.name, arm.label)].values()))
-    return timing_key(arm.model, arm.settings), plan.runs[run_id].config
+    return timing_key(arm.model, arm.settings), _first_run_config(plan, exp.name, arm.label)
 
 
 def timing_header(plan: StudyPlan, settings: TimingSettings) -> dict[str, Any]:
@@ -229,8 +234,7 @@ def timed_configs(plan: StudyPlan, selected: set[str], models: list[str] | None)
     for exp in plan.experiments:
         for arm in exp.arms:
             if exp.name in selected and (models is None or arm.model in models):
-                run_id = next(iter(plan.arm_runs[(exp.name, arm.label)].values()))
-                configs.setdefault(timing_key(arm.model, arm.settings), plan.runs[run_id].config)
+                configs.setdefault(timing_key(arm.model, arm.settings), _first_run_config(plan, exp.name, arm.label))
     return configs
 
 
@@ -247,6 +251,7 @@ def timing_pass(
     header = timing_header(plan, settings)
     reference, reference_config = timing_reference(plan)
     measured = time_training_steps({reference: reference_config, **configs}, reference, settings)
-    keep = set(configs) | ({reference} if not measured_alike(timing, header) or reference not in timing["models"] else set())
+    reference_kept = measured_alike(timing, header) and reference in timing["models"]
+    keep = set(configs) | (set() if reference_kept else {reference})
     new = {**header, "command": command, "models": {k: v for k, v in measured.items() if k in keep}}
     return merged_timing(timing, new)
