@@ -59,6 +59,29 @@ def _unorient(t: Tensor, orientation: Orientation) -> Tensor:
     return t.flip(flips) if flips else t
 
 
+def _pass1_frame(orientation: Orientation) -> Orientation:
+    """The orientation's pass-1 frame: the same transpose, flipped along the pass-1 axis only.
+
+    Pass 1 scans along dim 2 of the oriented grid (W, or H when transposed); a flip of the other
+    axis only reorders those rows, and reverses pass 2 (`_flips_pass2_axis`).
+    """
+    flips, transpose = orientation
+    axis = 1 if transpose else 2  # the grid dim that pass 1 scans along
+    return ((axis,) if axis in flips else (), transpose)
+
+
+def _flips_pass2_axis(orientation: Orientation) -> bool:
+    """Whether the orientation flips the grid dim that pass 2 scans along."""
+    flips, transpose = orientation
+    return (2 if transpose else 1) in flips
+
+
+def _columns(t: Tensor) -> Tensor:
+    """(B, H', W', E) oriented grid -> (B W', E, H'): each column a sequence, channels-last."""
+    t = t.transpose(1, 2).contiguous()  # (B, W', H', E)
+    return rearrange(t, "b w h e -> (b w) e h")
+
+
 class V2M(nn.Module):
     """V2M spatial mixer: four-corner 2-D selective SSM (Wang et al.; docs/math.md §10).
 
@@ -146,21 +169,33 @@ class V2M(nn.Module):
         Faithful layout: the corners TL, TR, BL, BR, each aligned with the input, so that
         branch k at a cell depends only on the cell's quadrant k. Official layout: the released
         branches fh, fv, bh, bv at the positions where the released code sums them.
+
+        Each branch is pass 1 on its pass-1 frame (`_pass1_frame`), then pass 2 forwards or
+        backwards along the frame's columns (docs/math.md §10): the corner flips of the pass-2
+        axis only reorder pass 1's rows and reverse pass 2. So the faithful layout runs pass 1 on
+        2 frames (TL/BL and TR/BR scan the same rows) and pass 2 forwards and in reverse on both:
+        6 scans over the grid instead of 8, and no flips but the top-right frame's.
         """
         check_grid_input(x, self.dim)
         if self.official_layout and x.shape[1] != x.shape[2]:
             raise ValueError(f"x: official_layout=True expects a square grid, got H x W = {x.shape[1]} x {x.shape[2]}")
         orientations = self.orientations
+        frames = list(dict.fromkeys(_pass1_frame(o) for o in orientations))
         xz = self.in_proj(x)  # (B, H, W, 2E)
-        xz = torch.cat([_orient(xz, o) for o in orientations])  # (4B, H', W', 2E), scan frame
-        rows = xz.shape[1]
-        u, z = rearrange(xz, "b h w e -> (b h) e w").chunk(2, dim=1)  # (4B H', E, W') each
+        xz = torch.cat([_orient(xz, f) for f in frames])  # (F B, H', W', 2E), pass-1 frames
+        rows, cols = xz.shape[1:3]
+        u, z = rearrange(xz, "b h w e -> (b h) e w").chunk(2, dim=1)  # (F B H', E, W') views each
         u = self.pass1(u, z, self.fast_path)  # along rows
-        # Pass 2 scans the columns of the gated pass-1 output, gated by the same z.
-        u, z = (rearrange(t, "(b h) e w -> (b w) e h", h=rows) for t in (u, z))  # (4B W', E, H') each
-        y = self.pass2(u, z, self.fast_path)  # (4B W', E, H'), along columns
-        y = rearrange(y, "(o b w) e h -> o b h w e", o=len(orientations), h=rows, w=xz.shape[2])
-        y = [_unorient(branch, o) for branch, o in zip(y, orientations)]  # aligned with the input
+        # Pass 2 scans the columns of the gated pass-1 output, gated by the same z; built as
+        # (F B, W', H', E) so that (b w) e h is a channels-last view, as the fused ops read it.
+        u, z = (_columns(rearrange(t, "(b h) e w -> b h w e", h=rows)) for t in (u, z))  # (F B W', E, H') each
+        y = {
+            rev: rearrange(self.pass2(u, z, self.fast_path, reverse=rev), "(f b w) e h -> f b h w e", f=len(frames), w=cols)
+            for rev in dict.fromkeys(_flips_pass2_axis(o) for o in orientations)
+        }  # pass 2 forwards (False) and backwards (True) along the columns: (F, B, H', W', E) each
+        y = [
+            _unorient(y[_flips_pass2_axis(o)][frames.index(_pass1_frame(o))], _pass1_frame(o)) for o in orientations
+        ]  # aligned with the input
         if self.official_layout:
             y = [(t.flip(dims) if dims else t).transpose(1, 2) for t, dims in zip(y, RELEASED_PLACEMENT)]
         return torch.stack(y)
