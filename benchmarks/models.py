@@ -517,10 +517,13 @@ def mega_markdown(payload: dict) -> str:
     """The Mega section of docs/benchmarks.md (empty for a JSON written before it existed)."""
     if not payload.get("mega"):
         return ""
-    names = ", ".join(f"`{n}`" for n in MEGA_MODELS)
+    names, m = ", ".join(f"`{n}`" for n in MEGA_MODELS), payload["machine"]
     return "\n".join([
         "",
         "### Mega: the 2-D SSM in place of the EMA (training step, float32)",
+        "",
+        f"Command: `{payload['command']}`  ",
+        f"Run: {payload['date']} on {m['cpu']}, {m['threads']} threads, torch {m['torch']}.",
         "",
         f"{names}: no moving average, Mega's bidirectional EMA, and the 2-D SSM in its place, timed in "
         f"alternation in the same run (medians of {payload['reps']} repetitions; forward, cross-entropy "
