@@ -10,7 +10,9 @@ from .export import (
     max_difference,
     onnx_session,
 )
-from .materialize import EXPORTABLE_LAYERS, ExportError, FixedDepthwiseConv, check_exportable, materialize_kernels
+from .materialize import (
+    EXPORTABLE_LAYERS, ExportError, FixedDepthwiseConv, FixedSequenceConv, check_exportable, materialize_kernels,
+)
 from .predict import IMAGE_EXTENSIONS, checkpoint_transform, find_images, format_predictions, predict_images
 
 __all__ = [
@@ -19,6 +21,7 @@ __all__ = [
     "ExportError",
     "ExportResult",
     "FixedDepthwiseConv",
+    "FixedSequenceConv",
     "IMAGE_EXTENSIONS",
     "check_exportable",
     "checkpoint_input_size",

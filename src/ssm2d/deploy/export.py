@@ -59,6 +59,12 @@ def _batch_dim() -> dict[str, dict[int, torch.export.Dim]]:
     return {"x": {0: torch.export.Dim("batch", min=1, max=4096)}}
 
 
+def _traced_example(example: Tensor) -> Tensor:
+    """The example to trace: a batch of 1 repeated to 2, since torch.export specializes a
+    dimension of size 1 (the program would then refuse every other batch size)."""
+    return example.expand(2, *example.shape[1:]) if example.shape[0] == 1 else example
+
+
 def export_onnx(model: nn.Module, example: Tensor, path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
     """Write `model` (exportable operators only, e.g. after `materialize_kernels`) as ONNX.
 
@@ -82,7 +88,7 @@ def export_onnx(model: nn.Module, example: Tensor, path: str | Path, opset: int 
         logger.setLevel(logging.ERROR)
     try:
         program = torch.onnx.export(
-            model, (example,), dynamo=True, opset_version=opset, dynamic_shapes=_batch_dim(),
+            model, (_traced_example(example),), dynamo=True, opset_version=opset, dynamic_shapes=_batch_dim(),
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], external_data=False, verbose=False,
         )  # fmt: skip
         program.save(str(path))
@@ -99,7 +105,7 @@ def export_program(model: nn.Module, example: Tensor, path: str | Path) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    program = torch.export.export(model, (example,), dynamic_shapes=_batch_dim())
+    program = torch.export.export(model, (_traced_example(example),), dynamic_shapes=_batch_dim())
     torch.export.save(program, str(path))
     return path
 
