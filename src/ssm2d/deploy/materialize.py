@@ -50,6 +50,16 @@ class ExportError(Ssm2dError, ValueError):
     """A model that cannot be exported, or whose exported program disagrees with it."""
 
 
+def _check_materialized_grid(x: Tensor, dim: int, grid: tuple[int, int]) -> None:
+    """x must be a (B, H, W, dim) grid of the size a fixed layer's kernel was materialized for."""
+    check_grid_input(x, dim)
+    if tuple(x.shape[1:3]) != grid:
+        raise ValueError(
+            f"x: this layer's kernel was materialized for a {grid[0]}x{grid[1]} grid, "
+            f"got {x.shape[1]}x{x.shape[2]}; export the model again at that input size"
+        )
+
+
 class FixedDepthwiseConv(nn.Module):
     """A spatial layer frozen on one grid: (B, H, W, C) -> (B, H, W, C'), H x W fixed.
 
@@ -82,12 +92,7 @@ class FixedDepthwiseConv(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, H, W, C) on the materialized grid -> (B, H, W, C')."""
-        check_grid_input(x, self.dim)
-        if tuple(x.shape[1:3]) != self.grid:
-            raise ValueError(
-                f"x: this layer's kernel was materialized for a {self.grid[0]}x{self.grid[1]} grid, "
-                f"got {x.shape[1]}x{x.shape[2]}; export the model again at that input size"
-            )
+        _check_materialized_grid(x, self.dim, self.grid)
         u = x.repeat(1, 1, 1, self.repeats) if self.repeats > 1 else x
         y = self.conv(u.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.post(y)
@@ -122,12 +127,7 @@ class FixedSequenceConv(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, H, W, C) on the materialized grid -> (B, H, W, C)."""
-        check_grid_input(x, self.dim)
-        if tuple(x.shape[1:3]) != self.grid:
-            raise ValueError(
-                f"x: this layer's kernel was materialized for a {self.grid[0]}x{self.grid[1]} grid, "
-                f"got {x.shape[1]}x{x.shape[2]}; export the model again at that input size"
-            )
+        _check_materialized_grid(x, self.dim, self.grid)
         y = self.conv(x.flatten(1, 2).transpose(1, 2))  # (B, C, L)
         return y.transpose(1, 2).reshape(x.shape)
 
