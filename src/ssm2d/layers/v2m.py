@@ -174,7 +174,7 @@ class V2M(nn.Module):
         backwards along the frame's columns (docs/math.md §10): the corner flips of the pass-2
         axis only reorder pass 1's rows and reverse pass 2. So the faithful layout runs pass 1 on
         2 frames (TL/BL and TR/BR scan the same rows) and pass 2 forwards and in reverse on both:
-        6 scans over the grid instead of 8, and no flips but the top-right frame's.
+        6 scans over the grid instead of 8, and flips for the top-right frame only.
         """
         check_grid_input(x, self.dim)
         if self.official_layout and x.shape[1] != x.shape[2]:
@@ -190,9 +190,10 @@ class V2M(nn.Module):
         # (F B, W', H', E) so that (b w) e h is a channels-last view, as the fused ops read it.
         u, z = (_columns(rearrange(t, "(b h) e w -> b h w e", h=rows)) for t in (u, z))  # (F B W', E, H') each
         y = {
-            rev: rearrange(self.pass2(u, z, self.fast_path, reverse=rev), "(f b w) e h -> f b h w e", f=len(frames), w=cols)
+            rev: self.pass2(u, z, self.fast_path, reverse=rev)  # (F B W', E, H')
             for rev in dict.fromkeys(_flips_pass2_axis(o) for o in orientations)
-        }  # pass 2 forwards (False) and backwards (True) along the columns: (F, B, H', W', E) each
+        }  # pass 2 forwards (False) and backwards (True) along the columns
+        y = {rev: rearrange(t, "(f b w) e h -> f b h w e", f=len(frames), w=cols) for rev, t in y.items()}
         y = [
             _unorient(y[_flips_pass2_axis(o)][frames.index(_pass1_frame(o))], _pass1_frame(o)) for o in orientations
         ]  # aligned with the input
