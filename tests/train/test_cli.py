@@ -39,7 +39,7 @@ def test_train_eval_kernels(tmp_path, capsys, data_args):
     out.mkdir()  # an existing empty folder is not a run: it is used
     main(["train", DEMO, "--model", "vit_mini_28_ssm2d", "--epochs", "2", *SMALL, *data_args, "--output", str(out)])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "best.pt", "config.yaml", "last.pt", "metrics.jsonl"]
     rows = read_rows(out)
     assert [r["epoch"] for r in rows] == [1, 2] and all(ROW_KEYS <= r.keys() for r in rows)
     assert rows[-1]["val_acc1"] > 40, f"chance is 10 %: {rows}"
@@ -115,7 +115,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, data_args):
     subprocess.run([*cmd, "--resume"], env=subprocess_env(), check=True, capture_output=True)
     same_metrics(read_rows(killed), read_rows(whole), rtol=1e-6)
     assert load_checkpoint(killed / "last.pt")["epoch"] == 3
-    assert sorted(p.name for p in killed.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in killed.iterdir()) == [".lock", "best.pt", "config.yaml", "last.pt", "metrics.jsonl"]
 
 
 def test_ddp_two_processes_match_one(tmp_path, data_args):
@@ -136,7 +136,7 @@ def test_ddp_two_processes_match_one(tmp_path, data_args):
     ddp_run = yaml.safe_load((ddp / "config.yaml").read_text())["run"]
     assert ddp_run == {"world_size": 2, "global_batch": 50, "steps_per_epoch": 12}
     assert load_checkpoint(ddp / "last.pt")["run"] == ddp_run
-    assert sorted(p.name for p in ddp.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in ddp.iterdir()) == [".lock", "best.pt", "config.yaml", "last.pt", "metrics.jsonl"]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, data_args):

@@ -21,6 +21,7 @@ from ssm2d.cli import main
 from ssm2d.errors import CheckpointError, ConfigError, DatasetError, NonFiniteLossError, Ssm2dError
 from ssm2d.train import load_checkpoint, load_config, train
 from ssm2d.train import trainer as trainer_module
+from ssm2d.train.folder_lock import LOCK_NAME, folder_lock
 from ssm2d.train.trainer import RUN_FILES
 
 _EXISTING = "already holds a run"
@@ -45,7 +46,8 @@ def _error(out: Path, data_args: list[str], *extra: str, epochs: int = 1) -> str
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+    """The run's files with their bytes and times; not the lock, which every attempt takes."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.name != LOCK_NAME}
 
 
 def test_error_classes_keep_the_builtin_bases():
@@ -146,7 +148,7 @@ def test_a_recorded_best_always_has_its_file(tmp_path, data_args, monkeypatch):
     if (out / "last.pt").exists():
         recorded = load_checkpoint(out / "last.pt")["best"]["epoch"]
         assert recorded == 0 or load_checkpoint(out / "best.pt")["epoch"] == recorded, "a best without best.pt"
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, "config.yaml"]
 
 
 def test_resume_repairs_a_missing_best_from_last(tmp_path, data_args):
@@ -219,3 +221,34 @@ def test_exit_code_and_stderr_of_a_one_line_error(tmp_path):
     )  # fmt: skip
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.startswith("ssm2d eval: error: checkpoint: expected a file") and done.stderr.count("\n") == 1
+
+
+def test_a_folder_in_use_is_refused_and_freed_when_its_process_dies(tmp_path, data_args):
+    """A second writer of an --output in use gets one line naming the owner's pid, and changes
+    nothing; the lock of a killed process is gone with it."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from ssm2d.train.folder_lock import folder_lock\n"
+         "with folder_lock(sys.argv[1], '--output'):\n    print('locked', flush=True); time.sleep(60)", str(out)],
+        stdout=subprocess.PIPE, text=True, env=subprocess_env(),
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        message = _error(out, data_args)
+        assert f"--output: {out} is in use by another ssm2d process (pid {holder.pid})" in message
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+    finally:
+        holder.kill()
+        holder.wait()
+    _train(out, data_args)  # the lock died with its process
+    assert (out / "last.pt").is_file()
+
+
+def test_a_lock_is_held_once_and_released_after_the_block(tmp_path):
+    with folder_lock(tmp_path / "f", "--output"):
+        assert (tmp_path / "f" / LOCK_NAME).read_text() == f"{os.getpid()}\n"
+        with pytest.raises(ConfigError, match=rf"--output: .* in use by another ssm2d process \(pid {os.getpid()}\)"):
+            with folder_lock(tmp_path / "f", "--output"):
+                pass
+    with folder_lock(tmp_path / "f", "--output"):  # free again
+        pass

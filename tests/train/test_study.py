@@ -24,6 +24,7 @@ from ssm2d.cli import main  # noqa: E402
 from ssm2d.data import DatasetError, dataset_info  # noqa: E402
 from ssm2d.train import ConfigError, train  # noqa: E402
 from ssm2d.train import study_timing  # noqa: E402
+from ssm2d.train.folder_lock import folder_lock  # noqa: E402
 from ssm2d.train.study import run_study, time_study  # noqa: E402
 from ssm2d.train.study_config import load_study  # noqa: E402
 from ssm2d.train.study_evals import spectrum_summary  # noqa: E402
@@ -267,6 +268,20 @@ def test_models_restricts_the_runs_within_only(tmp_path, data_dir):
     assert list(payload["timing"]["models"]) == ["vit_mini_28", "vit_mini_28_s4nd"]  # and the reference
     with pytest.raises(ConfigError, match="--models: unknown models vim_mini_28; the study trains vit_mini_28, "):
         run_study(plan, tmp_path / "s", models=["vim_mini_28"])
+
+
+def test_a_second_study_on_a_folder_in_use_is_refused(tmp_path, data_dir):
+    """Two training studies in one folder would train the same runs twice and drop each other's
+    records: the second is refused before it trains; a timing pass (--timing) may run beside."""
+    plan = load_study(_study_file(tmp_path, data_dir, seeds=[0]))
+    calls: list[str] = []
+    with folder_lock(tmp_path / "s", "--output"):
+        with pytest.raises(ConfigError, match=r"--output: \S+ is in use by another ssm2d process \(pid \d+\)"):
+            run_study(plan, tmp_path / "s", train_fn=_counting(calls), timing_settings=TINY)
+        timed = time_study(plan, tmp_path / "s", timing_settings=TINY)
+    assert calls == [] and timed["runs"] == {} and "vit_mini_28" in timed["timing"]["models"]
+    run_study(plan, tmp_path / "s", only=["pe"], train_fn=_counting(calls), timing_settings=TINY)  # free again
+    assert calls == ["vit_mini_28/seed0", "vit_mini_28_ssm2d/seed0"]
 
 
 def test_changed_recipe_is_refused(tmp_path, data_dir):

@@ -26,6 +26,7 @@ import yaml
 
 from .config import RUN_RECORD_KEY, ConfigError
 from .inference import load_trained_model
+from .folder_lock import folder_lock
 from .io import write_text_atomic
 from .study_config import PlannedRun, StudyPlan, describe_difference, run_hash
 from .study_evals import kernel_rank, resolution_accuracy
@@ -229,9 +230,29 @@ def run_study(
             whose entry was measured otherwise (or at another thread count) are timed again. A
             --quick plan skips the pass unless this is given (its smoke test stays as fast as its
             training; `time_study` times it with `QUICK_TIMING`).
+
+    Raises:
+        ConfigError: another process runs a study in DIR (`folder_lock`; `time_study` may run
+            beside it), or DIR/study.json or `resume_from` is not a study.json or holds a run
+            trained with another config.
     """
     out = Path(output)
     selected = _selected(plan, only, models)
+    with folder_lock(out, "--output"):  # one training study per folder; --timing may run beside it
+        return _run_study(plan, out, selected, models, resume_from, command, train_fn, timing_settings)
+
+
+def _run_study(
+    plan: StudyPlan,
+    out: Path,
+    selected: set[str],
+    models: list[str] | None,
+    resume_from: str | Path | None,
+    command: str | None,
+    train_fn: Callable[..., dict[str, Any]],
+    timing_settings: TimingSettings | None,
+) -> dict[str, Any]:
+    """`run_study` in its folder, under the folder's lock."""
     records, timed, _ = _load(plan, out, resume_from)
     todo = [
         r for r in plan.runs.values()

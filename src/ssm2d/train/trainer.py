@@ -12,6 +12,7 @@ exactly as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -41,6 +42,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import RUN_RECORD_KEY, ConfigError, TrainConfig
 from .distributed import DistEnv, ShardSampler, init_distributed
 from .engine import evaluate, train_one_epoch
+from .folder_lock import folder_lock
 from .io import remove_stale_temporaries, write_text_atomic
 
 __all__ = ["build_loss", "build_model", "train", "train_sampler"]
@@ -319,13 +321,21 @@ def train(cfg: TrainConfig, resume: bool = False, allow_schedule_change: bool = 
             warm-up / min lr than the checkpoint's: the new schedule continues from the same step.
 
     Raises:
-        ConfigError: a bad setting, `cfg.output` holds a run and `resume` is off, or the resumed
-            checkpoint was trained with other settings. Raised before anything is written.
+        ConfigError: a bad setting, `cfg.output` holds a run and `resume` is off, another process
+            trains into `cfg.output` (`folder_lock`), or the resumed checkpoint was trained with
+            other settings. Raised before anything is written.
         NonFiniteLossError: the loss became NaN or infinite; `last.pt` keeps the last good epoch.
         OSError: the run's folder cannot be written (read-only, full disk); the error names the file.
     """
     check_run_folder(Path(cfg.output), resume)
     env = init_distributed(cfg.device, cfg.dist_timeout_minutes)
+    # the main process writes the folder, and holds its lock while it trains
+    with folder_lock(cfg.output, "--output") if env.is_main else contextlib.nullcontext():
+        return _train(cfg, env, resume, allow_schedule_change)
+
+
+def _train(cfg: TrainConfig, env: DistEnv, resume: bool, allow_schedule_change: bool) -> dict[str, Any]:
+    """`train` after the checks, the process group and the folder's lock."""
     run = _Run(cfg, env)
     last = run.out / "last.pt"
     state = None

@@ -1,0 +1,61 @@
+"""One writer per output folder: an advisory lock that two `ssm2d train` or `ssm2d study`
+processes pointed at the same folder cannot both hold.
+
+Without it, a second process started on a folder in use (a study launched twice, a run resumed
+while it still trains) trains the same runs again, overwrites the other's checkpoints and, at
+its start, removes the temporaries the other is about to rename. The lock is `flock` on
+`FOLDER/.lock`: the kernel releases it when its process ends, however it ends, so a killed run
+leaves no stale lock behind. The file holds the owner's process id, for the error message.
+Where `fcntl` does not exist (Windows) nothing is locked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from .config import ConfigError
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+__all__ = ["LOCK_NAME", "folder_lock"]
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, argument: str) -> Iterator[None]:
+    """Hold `folder`'s lock for the block (the folder is created).
+
+    Args:
+        folder: the output folder.
+        argument: how the folder was given (e.g. "--output"), for the error message.
+
+    Raises:
+        ConfigError: another process (or another lock in this one) holds it; names its pid.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ConfigError(
+                f"{argument}: {folder} is in use by another ssm2d process (pid {owner}); wait for it to end, "
+                "or stop it, or choose another folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
