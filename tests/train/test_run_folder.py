@@ -252,3 +252,19 @@ def test_a_lock_is_held_once_and_released_after_the_block(tmp_path):
                 pass
     with folder_lock(tmp_path / "f", "--output"):  # free again
         pass
+
+
+def test_a_file_system_without_locks_writes_unguarded_with_one_warning(tmp_path, monkeypatch, caplog):
+    """NFS and the like refuse flock (ENOLCK): training goes on, with one warning per folder."""
+    from ssm2d.train import folder_lock as lock_module
+
+    def refuse(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(lock_module.fcntl, "flock", refuse)
+    for _ in range(2):
+        with folder_lock(tmp_path / "nfs", "--output"):
+            pass
+    warnings = [r.getMessage() for r in caplog.records if "cannot lock" in r.getMessage()]
+    assert warnings == [f"--output: cannot lock {tmp_path / 'nfs'} ([Errno {errno.ENOLCK}] No locks available); "
+                        "nothing keeps a second process out of it"]  # fmt: skip

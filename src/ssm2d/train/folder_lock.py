@@ -6,12 +6,14 @@ while it still trains) trains the same runs again, overwrites the other's checkp
 its start, removes the temporaries the other is about to rename. The lock is `flock` on
 `FOLDER/.lock`: the kernel releases it when its process ends, however it ends, so a killed run
 leaves no stale lock behind. The file holds the owner's process id, for the error message.
-Where `fcntl` does not exist (Windows) nothing is locked.
+Where `fcntl` does not exist (Windows), or the file system refuses locks (some network file
+systems: ENOLCK, EOPNOTSUPP), nothing is locked; the latter is logged once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +27,10 @@ except ImportError:  # Windows
 
 __all__ = ["LOCK_NAME", "folder_lock"]
 
+log = logging.getLogger(__name__)
+
 LOCK_NAME = ".lock"
+_unlockable: set[str] = set()  # file systems already reported as refusing locks (by folder)
 
 
 @contextlib.contextmanager
@@ -54,6 +59,12 @@ def folder_lock(folder: str | Path, argument: str) -> Iterator[None]:
                 f"{argument}: {folder} is in use by another ssm2d process (pid {owner}); wait for it to end, "
                 "or stop it, or choose another folder"
             ) from None
+        except OSError as err:  # a file system without locks: write unguarded, as without fcntl
+            if str(folder) not in _unlockable:
+                _unlockable.add(str(folder))
+                log.warning("%s: cannot lock %s (%s); nothing keeps a second process out of it", argument, folder, err)
+            yield
+            return
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
