@@ -26,10 +26,11 @@ Further sections, each with its own JSON key and table:
   the VMamba backbone, and Mega with the 2-D SSM. Beside each time, the step's matrix-multiply
   and convolution FLOPs (`torch.utils.flop_counter`, forward + backward; the scans' own
   arithmetic is not counted) over the baseline's: the work a model's layers add whatever the
-  kernels, so a step ratio below the FLOP ratio is not to be expected. And the share of the
-  step spent in the selective scan (forward and backward, torch.profiler over a few steps), in
-  units of the baseline's step: a model that holds the whole baseline (the `vit_mini_28_*`
-  arms) cannot step faster than 1 + that.
+  kernels, so a step ratio below the FLOP ratio is not to be expected. And the shares of the
+  step spent in the selective scan (forward and backward) and in matrix multiplies
+  (torch.profiler over a few steps): a model that holds the whole baseline (the `vit_mini_28_*`
+  arms) cannot step faster than the baseline plus its scans plus its extra matrix multiplies
+  (the "floor" column).
 - "deploy": inference of `vit_mini_28_ssm2d` at batch 1 and 64 in eager PyTorch (eval, no_grad,
   kernels cached) and in onnxruntime on the file of `ssm2d export` (kernels materialized as
   depthwise convolutions), in alternation.
@@ -165,19 +166,31 @@ def step_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-# The selective scan's autograd function, forward and backward, as torch.profiler names them.
+# The selective scan's autograd function, forward and backward, as torch.profiler names them
+# (their time counted with their children), and the matrix multiplies (their own time).
 SCAN_EVENTS = ("_FusedScan", "_FusedScanBackward")
+MATMUL_EVENTS = ("aten::mm", "aten::addmm", "aten::bmm")
 
 
-def scan_share(step: Callable[[], None], steps: int = 3) -> float:
-    """Fraction of `steps` calls of `step` spent in the selective scan, children included; the
-    profiler's overhead falls on the rest, so the share is if anything too small."""
+def step_shares(step: Callable[[], None], steps: int = 3) -> tuple[float, float]:
+    """Fractions of `steps` calls of `step` spent in the selective scan and in matrix multiplies;
+    the profiler's overhead falls on the rest, so the shares are if anything too small."""
     with profile() as prof:
         start = time.perf_counter()
         for _ in range(steps):
             step()
         wall = time.perf_counter() - start
-    return sum(e.cpu_time_total for e in prof.key_averages() if e.key in SCAN_EVENTS) / 1e6 / wall
+    events = prof.key_averages()
+    scan = sum(e.cpu_time_total for e in events if e.key in SCAN_EVENTS)
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_EVENTS)
+    return scan / 1e6 / wall, matmul / 1e6 / wall
+
+
+def floor_ratio(r: dict, base: dict) -> float:
+    """The least step time, over the baseline's, of a model that holds the baseline whole: the
+    baseline's step, plus the model's scans, plus its matrix multiplies beyond the baseline's."""
+    extra_matmul = max(0.0, r["matmul_share"] * r["ratio"] - base["matmul_share"] * base["ratio"])
+    return 1 + r["scan_share"] * r["ratio"] + extra_matmul
 
 
 def measure_comparators(batch: int, reps: int) -> dict:
@@ -192,7 +205,7 @@ def measure_comparators(batch: int, reps: int) -> dict:
     flops = [step_flops(m, x, y) for m in models]
     steps = [train_step_fn(m, x, y) for m in models]
     runs = alternate_runs(steps, reps)
-    shares = [scan_share(step) for step in steps]
+    shares = [step_shares(step) for step in steps]
     times = [1e3 * statistics.median(r) for r in runs]
     # a repetition times the models within seconds of each other: the ratio within it sees one
     # machine speed, which drifts on this VM by up to 1.6x from minute to minute
@@ -201,19 +214,28 @@ def measure_comparators(batch: int, reps: int) -> dict:
     return {
         "baseline": COMPARATOR_BASELINE, "input": f"{c}x{h}x{w}", "batch": batch, "reps": reps,
         "models": [{"model": n, "params": sum(p.numel() for p in m.parameters()), "train_ms": t,
-                    "ratio": q, "gflops": f / 1e9, "flop_ratio": f / flops[0], "scan_share": s}
+                    "ratio": q, "gflops": f / 1e9, "flop_ratio": f / flops[0], "scan_share": s[0],
+                    "matmul_share": s[1]}
                    for n, m, t, q, f, s in zip(names, models, times, ratios, flops, shares)],
     }  # fmt: skip
 
 
+def _holds_baseline(r: dict, comp: dict) -> bool:
+    """Whether the model is the baseline with layers added (so at least as slow) and has shares."""
+    return r["model"].startswith(comp["baseline"] + "_") and "matmul_share" in r
+
+
 def comparator_rows(comp: dict) -> tuple[list[str], list[list[str]]]:
     header = ["model", "params", "train ms", f"over `{comp['baseline']}`", "target", "counted GFLOP",
-              "FLOPs over baseline", "scan share", "scan over baseline"]  # fmt: skip
+              "FLOPs over baseline", "scan share", "scan over baseline", "matmul share", "floor"]  # fmt: skip
+    base = comp["models"][0]
     body = [[f"`{r['model']}`", f"{r['params'] / 1e3:,.0f}k", f"{r['train_ms']:.1f}", f"{r['ratio']:.2f}x",
              f"<= {COMPARATORS[r['model']]:g}x" if COMPARATORS.get(r["model"]) else "-",
              f"{r['gflops']:.2f}" if "gflops" in r else "", f"{r['flop_ratio']:.2f}x" if "flop_ratio" in r else "",
              f"{r['scan_share']:.0%}" if "scan_share" in r else "",
-             f"{r['scan_share'] * r['ratio']:.2f}x" if "scan_share" in r else ""]
+             f"{r['scan_share'] * r['ratio']:.2f}x" if "scan_share" in r else "",
+             f"{r['matmul_share']:.0%}" if "matmul_share" in r else "",
+             f"{floor_ratio(r, base):.2f}x" if _holds_baseline(r, comp) else "-"]
             for r in comp["models"]]  # fmt: skip
     return header, body
 
@@ -225,9 +247,9 @@ def comparator_lines(comp: dict) -> list[str]:
         if limit:
             verdict = "met" if r["ratio"] <= limit else "NOT met"
             floor = ""
-            if r["model"].startswith(comp["baseline"] + "_") and "scan_share" in r:
-                floor = (f"; it holds `{comp['baseline']}` whole, and with its scan alone it takes at least "
-                         f"{1 + r['scan_share'] * r['ratio']:.2f}x")  # fmt: skip
+            if _holds_baseline(r, comp):
+                floor = (f"; it holds `{comp['baseline']}` whole, and with only its scans and its extra matrix "
+                         f"multiplies it takes at least {floor_ratio(r, comp['models'][0]):.2f}x")  # fmt: skip
             lines.append(f"- `{r['model']}` training step at batch {comp['batch']}: {r['ratio']:.2f}x "
                          f"`{comp['baseline']}` (target <= {limit:g}x): {verdict}{floor}")  # fmt: skip
     return lines
@@ -244,9 +266,12 @@ def comparator_markdown(payload: dict) -> str:
         f"{len(comp['models'])} models timed in one alternation, {comp['reps']} repetitions: the times are "
         "medians, each ratio the median over repetitions of the ratio within one. "
         "Counted GFLOP: the matrix multiplies and convolutions of one forward + backward "
-        "(`torch.utils.flop_counter`); the scans' own arithmetic is not in it. Scan share: the fraction of "
-        "the model's step spent in the selective scan's forward and backward (torch.profiler, 3 steps); "
-        "scan over baseline: that time in units of the baseline's step.",
+        "(`torch.utils.flop_counter`); the scans' own arithmetic is not in it. Scan share and matmul share: "
+        "the fractions of the model's step spent in the selective scan's forward and backward and in matrix "
+        "multiplies (torch.profiler, 3 steps); scan over baseline: the scan's time in units of the baseline's "
+        "step. Floor, for the models that hold the baseline whole: the baseline's step plus the model's scans "
+        "plus its matrix multiplies beyond the baseline's, over the baseline's step; the least such a model "
+        "can take whatever its other layers cost.",
         "",
         markdown_table(*comparator_rows(comp)),
         "",
@@ -471,17 +496,29 @@ def markdown(payload: dict) -> str:
 
 
 def readme_markdown(payload: dict) -> str:
-    intro = f"`{payload['command']}` ({payload['date']}, float32, {payload['machine']['threads']} CPU threads):"
-    parts = [intro]
-    if payload.get("results"):
-        header, body = rows(payload["results"])
-        keep = [0, 2, 3, 6, 9]  # model, input, batch, train ratio, infer ratio
-        parts += ["", markdown_table([header[i] for i in keep], [[r[i] for i in keep] for r in body])]
-    if payload.get("comparators"):
-        comp = payload["comparators"]
-        parts += ["", f"The other spatial layers' models, training step at batch {comp['batch']} on {comp['input']} against "
-                  f"`{comp['baseline']}`:", "", markdown_table(*comparator_rows(comp)), "", *comparator_lines(comp)]
-    return "\n".join(parts)
+    """The pairs' block of the README: each +2-D SSM model's ratios over its baseline."""
+    header, body = rows(payload["results"])
+    keep = [0, 2, 3, 6, 9]  # model, input, batch, train ratio, infer ratio
+    return "\n".join([
+        f"`{payload['command']}` ({payload['date']}, float32, {payload['machine']['threads']} CPU threads):",
+        "",
+        markdown_table([header[i] for i in keep], [[r[i] for i in keep] for r in body]),
+    ])  # fmt: skip
+
+
+def comparator_readme_markdown(payload: dict) -> str:
+    """The comparators' block of the README: the table's first columns and the verdicts."""
+    comp = payload["comparators"]
+    header, body = comparator_rows(comp)
+    keep = [0, 1, 3, 4, 10]  # model, params, ratio, target, floor
+    return "\n".join([
+        f"`{payload['command']}` ({payload['date']}, float32, {payload['machine']['threads']} CPU threads), training "
+        f"step at batch {comp['batch']} on {comp['input']}:",
+        "",
+        markdown_table([header[i] for i in keep], [[r[i] for i in keep] for r in body]),
+        "",
+        *comparator_lines(comp),
+    ])  # fmt: skip
 
 
 # Mega: the 2-D SSM in the moving-average slot, against Mega's EMA and against no slot.
@@ -542,7 +579,7 @@ def mega_readme_markdown(payload: dict) -> str:
     header, body = mega_rows(payload["mega"])
     keep = [1, 5, 6]  # batch, 2-D SSM / EMA, 2-D SSM / no slot
     return "\n".join([
-        "",
+        f"`{payload['command']}` ({payload['date']}, float32, {payload['machine']['threads']} CPU threads): "
         f"`mega_sd_32_ssm2d`'s training step against Mega's EMA and against no moving average (authors, on GPU: "
         f"{AUTHORS_MEGA} over Mega):",
         "",
@@ -563,8 +600,13 @@ def update_docs(payload: dict) -> None:
         update_section(docs, "models-mega", mega_markdown(payload))
     if payload.get("deploy"):
         update_section(docs, "models-deploy", deploy_markdown(payload))
-    if payload.get("results"):  # the README block summarizes a run of the pairs (and what ran with them)
-        update_section(ROOT / "README.md", "models-results", readme_markdown(payload) + "\n" + mega_readme_markdown(payload))
+    readme = ROOT / "README.md"  # one block per section, each with the command that measured it
+    if payload.get("results"):
+        update_section(readme, "models-results", readme_markdown(payload))
+    if payload.get("comparators"):
+        update_section(readme, "models-comparators", comparator_readme_markdown(payload))
+    if payload.get("mega"):
+        update_section(readme, "models-mega", mega_readme_markdown(payload))
     print("updated docs/benchmarks.md and README.md")
 
 
