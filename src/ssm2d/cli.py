@@ -153,7 +153,8 @@ def _study(args: argparse.Namespace, extra: list[str]) -> None:
         study = time_study if args.timing else run_study
         payload = study(plan, output, only=args.only, models=args.models, resume_from=args.resume_from, command=command)
     path = render_results(payload, docs, readme)
-    print(f"wrote {output / 'study.json'}, {path}, {docs / 'results.json'} and {docs / 'img'}/"
+    written = [] if args.render_only else [str(output / "study.json")]  # --render-only only reads it
+    print(f"wrote {', '.join([*written, str(path)])}, {docs / 'results.json'} and {docs / 'img'}/"
           + (f"; updated {readme}" if readme else ""))
 
 

@@ -372,6 +372,16 @@ def test_rendered_numbers_come_from_the_records(tmp_path):
     assert text.endswith("<!-- END study-results -->\n\nThe demo.\n\n## Layout\n")
 
 
+def test_render_only_reads_the_json_and_writes_only_the_report(tmp_path, capsys):
+    (tmp_path / "old.json").write_text(json.dumps(_payload()))
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    main(["study", str(tmp_path / "unread.yaml"), "--output", str(out), "--render-only", "--resume-from",
+          str(tmp_path / "old.json"), "--docs", str(docs), "--readme", str(tmp_path / "absent.md")])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"wrote {docs / 'results.md'}, {docs / 'results.json'} and {docs / 'img'}/")
+    assert not out.exists() and json.loads((docs / "results.json").read_text())["runs"] == _payload()["runs"]
+
+
 def test_table_costs_an_arm_by_its_timed_step(tmp_path):
     """s / epoch = the timing entry's step time x the runs' steps per epoch; an arm without an
     entry keeps its wall time, marked, with the note under the table."""
