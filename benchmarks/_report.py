@@ -104,8 +104,10 @@ def report(
     json_path: Path,
     update_docs: Callable[[dict], None] | None = None,
 ) -> None:
-    """Print the table and the target verdicts, write the JSON and, if asked, the docs."""
-    print(text_table(*table))
+    """Print the table (unless it has no rows) and the target verdicts, write the JSON and, if
+    asked, the docs."""
+    if table[1]:
+        print(text_table(*table))
     print("\n".join(targets))
     write_json(json_path, payload)
     print(f"wrote {json_path}")
