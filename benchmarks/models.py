@@ -405,25 +405,20 @@ def mega_readme_markdown(payload: dict) -> str:
 
 
 def update_docs(payload: dict) -> None:
-    """Each measured section into docs/benchmarks.md, and the README block."""
-    docs = ROOT / "docs" / "benchmarks.md"
-    if payload.get("results"):
-        update_section(docs, "models", markdown(payload))
-    if payload.get("comparators"):
-        update_section(docs, "models-comparators", comparator_markdown(payload))
-    if payload.get("compile"):
-        update_section(docs, "models-compile", compile_markdown(payload))
-    if payload.get("mega"):
-        update_section(docs, "models-mega", mega_markdown(payload))
-    if payload.get("deploy"):
-        update_section(docs, "models-deploy", deploy_markdown(payload))
-    readme = ROOT / "README.md"  # one block per section, each with the command that measured it
-    if payload.get("results"):
-        update_section(readme, "models-results", readme_markdown(payload))
-    if payload.get("comparators"):
-        update_section(readme, "models-comparators", comparator_readme_markdown(payload))
-    if payload.get("mega"):
-        update_section(readme, "models-mega", mega_readme_markdown(payload))
+    """Each measured section into docs/benchmarks.md, and its block of the README where it has one."""
+    # payload key -> (section of docs/benchmarks.md, its writer, README block, its writer)
+    sections = {
+        "results": ("models", markdown, "models-results", readme_markdown),
+        "comparators": ("models-comparators", comparator_markdown, "models-comparators", comparator_readme_markdown),
+        "compile": ("models-compile", compile_markdown, None, None),
+        "mega": ("models-mega", mega_markdown, "models-mega", mega_readme_markdown),
+        "deploy": ("models-deploy", deploy_markdown, None, None),
+    }
+    for key, (section, docs_writer, block, readme_writer) in sections.items():
+        if payload.get(key):
+            update_section(ROOT / "docs" / "benchmarks.md", section, docs_writer(payload))
+            if block is not None:
+                update_section(ROOT / "README.md", block, readme_writer(payload))
     print("updated docs/benchmarks.md and README.md")
 
 
