@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -225,23 +226,31 @@ def test_exit_code_and_stderr_of_a_one_line_error(tmp_path):
 
 def test_a_folder_in_use_is_refused_and_freed_when_its_process_dies(tmp_path, data_args):
     """A second writer of an --output in use gets one line naming the owner's pid, and changes
-    nothing; the lock of a killed process is gone with it."""
+    nothing; the lock of a killed process is gone with it, though a child it forked (as a
+    DataLoader worker is) still runs."""
     out = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from ssm2d.train.folder_lock import folder_lock\n"
-         "with folder_lock(sys.argv[1], '--output'):\n    print('locked', flush=True); time.sleep(60)", str(out)],
+        [sys.executable, "-c", "import os, sys, time; from ssm2d.train.folder_lock import folder_lock\n"
+         "with folder_lock(sys.argv[1], '--output'):\n"
+         "    child = os.fork()\n"
+         "    if child == 0:\n        time.sleep(60); os._exit(0)\n"
+         "    print(child, flush=True); time.sleep(60)", str(out)],
         stdout=subprocess.PIPE, text=True, env=subprocess_env(),
     )  # fmt: skip
+    child = int(holder.stdout.readline())
     try:
-        assert holder.stdout.readline().strip() == "locked"
         message = _error(out, data_args)
         assert f"--output: {out} is in use by another ssm2d process (pid {holder.pid})" in message
         assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+        holder.kill()
+        holder.wait()
+        os.kill(child, 0)  # the fork lives on
+        _train(out, data_args)  # the lock died with its process
+        assert (out / "last.pt").is_file()
     finally:
         holder.kill()
         holder.wait()
-    _train(out, data_args)  # the lock died with its process
-    assert (out / "last.pt").is_file()
+        os.kill(child, signal.SIGKILL)
 
 
 def test_a_lock_is_held_once_and_released_after_the_block(tmp_path):
@@ -255,13 +264,13 @@ def test_a_lock_is_held_once_and_released_after_the_block(tmp_path):
 
 
 def test_a_file_system_without_locks_writes_unguarded_with_one_warning(tmp_path, monkeypatch, caplog):
-    """NFS and the like refuse flock (ENOLCK): training goes on, with one warning per folder."""
+    """NFS and the like may refuse locks (ENOLCK): training goes on, with one warning per folder."""
     from ssm2d.train import folder_lock as lock_module
 
     def refuse(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(lock_module.fcntl, "flock", refuse)
+    monkeypatch.setattr(lock_module.fcntl, "lockf", refuse)
     for _ in range(2):
         with folder_lock(tmp_path / "nfs", "--output"):
             pass

@@ -3,16 +3,22 @@ processes pointed at the same folder cannot both hold.
 
 Without it, a second process started on a folder in use (a study launched twice, a run resumed
 while it still trains) trains the same runs again, overwrites the other's checkpoints and, at
-its start, removes the temporaries the other is about to rename. The lock is `flock` on
-`FOLDER/.lock`: the kernel releases it when its process ends, however it ends, so a killed run
-leaves no stale lock behind. The file holds the owner's process id, for the error message.
-Where `fcntl` does not exist (Windows), or the file system refuses locks (some network file
-systems: ENOLCK, EOPNOTSUPP), nothing is locked; the latter is logged once.
+its start, removes the temporaries the other is about to rename.
+
+The lock is a POSIX record lock (`fcntl.lockf`) on `FOLDER/.lock`. The kernel releases it when
+its process ends, however it ends, so a killed run leaves no stale lock behind; and a forked
+child (a DataLoader worker) does not inherit it, so a run killed while its workers wind down can
+be resumed at once (an `flock` lock would live on in them). POSIX locks do not exclude the
+process that holds them, so this module also refuses a folder that this process already holds.
+The file holds the owner's process id, for the error message. Where `fcntl` does not exist
+(Windows), or the file system refuses locks (some network file systems: ENOLCK, EOPNOTSUPP),
+nothing is locked; the latter is logged once per folder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 from collections.abc import Iterator
@@ -30,7 +36,15 @@ __all__ = ["LOCK_NAME", "folder_lock"]
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
-_unlockable: set[str] = set()  # file systems already reported as refusing locks (by folder)
+_held: set[Path] = set()  # the folders this process holds
+_unlockable: set[Path] = set()  # folders whose file system refused a lock (reported once)
+
+
+def _in_use(argument: str, folder: Path, owner: str) -> ConfigError:
+    return ConfigError(
+        f"{argument}: {folder} is in use by another ssm2d process (pid {owner}); wait for it to end, "
+        "or stop it, or choose another folder"
+    )
 
 
 @contextlib.contextmanager
@@ -42,31 +56,36 @@ def folder_lock(folder: str | Path, argument: str) -> Iterator[None]:
         argument: how the folder was given (e.g. "--output"), for the error message.
 
     Raises:
-        ConfigError: another process (or another lock in this one) holds it; names its pid.
+        ConfigError: another process, or another block of this one, holds it; names the pid.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    key = folder.resolve()
+    if key in _held:  # checked before opening: closing a second descriptor would drop the lock
+        raise _in_use(argument, folder, str(os.getpid()))
     if fcntl is None:
         yield
         return
     fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise ConfigError(
-                f"{argument}: {folder} is in use by another ssm2d process (pid {owner}); wait for it to end, "
-                "or stop it, or choose another folder"
-            ) from None
-        except OSError as err:  # a file system without locks: write unguarded, as without fcntl
-            if str(folder) not in _unlockable:
-                _unlockable.add(str(folder))
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in (errno.EACCES, errno.EAGAIN):
+                owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                raise _in_use(argument, folder, owner) from None
+            # a file system without locks: write unguarded, as without fcntl
+            if key not in _unlockable:
+                _unlockable.add(key)
                 log.warning("%s: cannot lock %s (%s); nothing keeps a second process out of it", argument, folder, err)
             yield
             return
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
+        _held.add(key)
+        try:
+            yield
+        finally:
+            _held.discard(key)
     finally:
         os.close(fd)  # releases the lock
