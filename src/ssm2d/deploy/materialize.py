@@ -42,8 +42,6 @@ EXPORTABLE_LAYERS: tuple[type[nn.Module], ...] = (
     SSM2D, S4ND, MegaEMA, DWConv2d, SpatialAfter, SpatialOnTokens, SPAttention, SPAttentionOnTokens, SpatialPrior,
     MovingAverageGatedAttention, NormalizedFFN,
 )  # fmt: skip
-# The layers `materialize_kernels` replaces by a fixed convolution for the example's grid.
-_MATERIALIZED = (SSM2D, S4ND, MegaEMA)
 
 
 class ExportError(Ssm2dError, ValueError):
@@ -183,6 +181,12 @@ def _s4nd_conv(layer: S4ND, grid: tuple[int, int]) -> FixedDepthwiseConv:
     return FixedDepthwiseConv(kernel.to(layer.C.dtype), grid, repeats=layer.channels, post=post)
 
 
+# The layers `materialize_kernels` replaces, each by the fixed convolution its function builds
+# for the example's grid.
+_MATERIALIZE = {SSM2D: _ssm2d_conv, S4ND: _s4nd_conv, MegaEMA: _ema_conv}
+_MATERIALIZED = tuple(_MATERIALIZE)
+
+
 def check_exportable(model: nn.Module) -> None:
     """Raise ExportError naming the first layer of ssm2d in `model` that has no exportable form.
 
@@ -237,7 +241,7 @@ def materialize_kernels(model: nn.Module, example: Tensor) -> nn.Module:
             continue
         if name not in grids:
             raise ExportError(f"model: layer {name} ({type(module).__name__}) did not run on the example input")
-        make = _ssm2d_conv if isinstance(module, SSM2D) else _s4nd_conv if isinstance(module, S4ND) else _ema_conv
+        make = next(fn for cls, fn in _MATERIALIZE.items() if isinstance(module, cls))
         conv = make(module, grids[name])
         parent_name, _, attr = name.rpartition(".")
         setattr(frozen.get_submodule(parent_name), attr, conv)

@@ -323,7 +323,8 @@ def train(cfg: TrainConfig, resume: bool = False, allow_schedule_change: bool = 
     Raises:
         ConfigError: a bad setting, `cfg.output` holds a run and `resume` is off, another process
             trains into `cfg.output` (`folder_lock`), or the resumed checkpoint was trained with
-            other settings. Raised before anything is written.
+            other settings. Raised before any of the run's files is written (the folder's lock
+            file may be, by a main process that took the lock).
         NonFiniteLossError: the loss became NaN or infinite; `last.pt` keeps the last good epoch.
         OSError: the run's folder cannot be written (read-only, full disk); the error names the file.
     """
