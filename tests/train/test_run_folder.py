@@ -256,7 +256,7 @@ def test_a_folder_in_use_is_refused_and_freed_when_its_process_dies(tmp_path, da
 def test_a_lock_is_held_once_and_released_after_the_block(tmp_path):
     with folder_lock(tmp_path / "f", "--output"):
         assert (tmp_path / "f" / LOCK_NAME).read_text() == f"{os.getpid()}\n"
-        with pytest.raises(ConfigError, match=rf"--output: .* in use by another ssm2d process \(pid {os.getpid()}\)"):
+        with pytest.raises(ConfigError, match=rf"--output: .* already in use by this process \(pid {os.getpid()}\)"):
             with folder_lock(tmp_path / "f", "--output"):
                 pass
     with folder_lock(tmp_path / "f", "--output"):  # free again

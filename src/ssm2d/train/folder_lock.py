@@ -62,7 +62,10 @@ def folder_lock(folder: str | Path, argument: str) -> Iterator[None]:
     folder.mkdir(parents=True, exist_ok=True)
     key = folder.resolve()
     if key in _held:  # checked before opening: closing a second descriptor would drop the lock
-        raise _in_use(argument, folder, str(os.getpid()))
+        raise ConfigError(
+            f"{argument}: {folder} is already in use by this process (pid {os.getpid()}), by a run or study "
+            "that has not ended; choose another folder"
+        )
     if fcntl is None:
         yield
         return
