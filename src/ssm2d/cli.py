@@ -141,6 +141,8 @@ def _study(args: argparse.Namespace, extra: list[str]) -> None:
         raise ConfigError("--output: expected the study's folder (only --quick defaults to a temporary one)")
     if args.timing and args.render_only:
         raise ConfigError("--timing: it times the models into OUTPUT/study.json; it does not go with --render-only")
+    if args.seeds and (args.timing or args.render_only):
+        raise ConfigError("--seeds: it selects the runs to train; --timing and --render-only train nothing")
     output = Path(args.output or tempfile.mkdtemp(prefix="ssm2d_study_quick_"))
     # --quick is a smoke test: its report goes next to its runs, never into docs/ or README.md.
     docs = output / "docs" if args.quick else Path(args.docs)
@@ -150,8 +152,12 @@ def _study(args: argparse.Namespace, extra: list[str]) -> None:
     else:
         plan = load_study(args.config, quick=args.quick)
         command = "ssm2d " + " ".join(args.argv)
-        study = time_study if args.timing else run_study
-        payload = study(plan, output, only=args.only, models=args.models, resume_from=args.resume_from, command=command)
+        if args.timing:
+            payload = time_study(plan, output, only=args.only, models=args.models, resume_from=args.resume_from,
+                                 command=command)  # fmt: skip
+        else:
+            payload = run_study(plan, output, only=args.only, models=args.models, seeds=args.seeds,
+                                resume_from=args.resume_from, command=command)  # fmt: skip
     path = render_results(payload, docs, readme)
     written = [] if args.render_only else [str(output / "study.json")]  # --render-only only reads it
     print(f"wrote {', '.join([*written, str(path)])}, {docs / 'results.json'} and {docs / 'img'}/"
@@ -288,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "one seed), into a temporary folder unless --output; the report stays in that folder")
     s.add_argument("--only", nargs="+", metavar="EXPERIMENT", help="train only these experiments' runs")
     s.add_argument("--models", nargs="+", metavar="MODEL", help="train only these models' runs (within --only)")
+    s.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="train only these seeds' runs (within --only "
+                   "and --models): processes that share a study's training each take their seeds and --output, "
+                   "and one of them takes over the others' with --resume-from and their runs/ folders")
     s.add_argument("--resume-from", help="a study.json (e.g. docs/results.json) whose finished runs are taken over")
     s.add_argument("--render-only", action="store_true", help="render the report from OUTPUT/study.json (or "
                    "--resume-from) without training")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -270,13 +271,32 @@ def test_models_restricts_the_runs_within_only(tmp_path, data_dir):
         run_study(plan, tmp_path / "s", models=["vim_mini_28"])
 
 
+def test_seeds_split_the_training_and_resume_from_merges_it(tmp_path, data_dir):
+    """--seeds trains only those seeds' runs; two folders that split a study by seed are merged by
+    copying the run folders and taking over the records with --resume-from, which trains nothing."""
+    plan = load_study(_study_file(tmp_path, data_dir))  # seeds 0 and 1
+    calls: list[str] = []
+    for seed in (0, 1):
+        payload = run_study(plan, tmp_path / f"s{seed}", only=["pe"], models=["vit_mini_28"], seeds=[seed],
+                            train_fn=_counting(calls), timing_settings=TINY)  # fmt: skip
+        assert list(payload["runs"]) == [f"vit_mini_28/seed{seed}"]
+    assert calls == ["vit_mini_28/seed0", "vit_mini_28/seed1"]
+    shutil.copytree(tmp_path / "s1" / "runs", tmp_path / "s0" / "runs", dirs_exist_ok=True)
+    merged = run_study(plan, tmp_path / "s0", only=["pe"], models=["vit_mini_28"], resume_from=tmp_path / "s1" / "study.json",
+                       train_fn=_counting(calls), timing_settings=TINY)  # fmt: skip
+    assert len(calls) == 2 and sorted(merged["runs"]) == ["vit_mini_28/seed0", "vit_mini_28/seed1"]
+    assert merged["runs"]["vit_mini_28/seed1"]["final_acc1"] == payload["runs"]["vit_mini_28/seed1"]["final_acc1"]
+    with pytest.raises(ConfigError, match="--seeds: unknown seeds 2, 5; the study's seeds are 0, 1"):
+        run_study(plan, tmp_path / "s0", seeds=[5, 1, 2])
+
+
 def test_a_second_study_on_a_folder_in_use_is_refused(tmp_path, data_dir):
     """Two training studies in one folder would train the same runs twice and drop each other's
     records: the second is refused before it trains; a timing pass (--timing) may run beside."""
     plan = load_study(_study_file(tmp_path, data_dir, seeds=[0]))
     calls: list[str] = []
     with folder_lock(tmp_path / "s", "--output"):
-        with pytest.raises(ConfigError, match=r"--output: \S+ is in use by another ssm2d process \(pid \d+\)"):
+        with pytest.raises(ConfigError, match=r"--output: \S+ is already in use by this process \(pid \d+\)"):
             run_study(plan, tmp_path / "s", train_fn=_counting(calls), timing_settings=TINY)
         timed = time_study(plan, tmp_path / "s", timing_settings=TINY)
     assert calls == [] and timed["runs"] == {} and "vit_mini_28" in timed["timing"]["models"]
@@ -518,6 +538,8 @@ def test_timing_flag_merges_entries_and_trains_nothing(tmp_path, data_dir, capsy
 
     with pytest.raises(SystemExit, match="--timing: it times the models into OUTPUT/study.json; it does not go with"):
         main(["study", str(path), "--output", str(out), "--timing", "--render-only"])
+    with pytest.raises(SystemExit, match="--seeds: it selects the runs to train; --timing and --render-only train"):
+        main(["study", str(path), "--output", str(out), "--timing", "--seeds", "0"])
 
 
 def test_spectrum_summary_of_known_kernels():

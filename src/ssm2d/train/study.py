@@ -212,6 +212,7 @@ def run_study(
     command: str | None = None,
     train_fn: Callable[..., dict[str, Any]] = train,
     timing_settings: TimingSettings | None = None,
+    seeds: list[int] | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate every planned run that has no finished record, then time the training
     step of the arms' models that have no timing entry; returns the payload.
@@ -222,6 +223,9 @@ def run_study(
         only: experiment names whose runs to train and models to time (default: all); the other
             records and timing entries are kept.
         models: model names whose runs to train and time (default: all), within `only`.
+        seeds: the seeds whose runs to train (default: the plan's), within `only` and `models`;
+            the timing pass is not restricted. Several processes, each with its own `output` and
+            seeds, share a study's training; `resume_from` merges their records afterwards.
         resume_from: a study.json of an earlier study whose finished records and timing entries
             are taken over (those already in DIR/study.json win).
         command: the command line, recorded in the JSON.
@@ -238,8 +242,18 @@ def run_study(
     """
     out = Path(output)
     selected = _selected(plan, only, models)
+    unknown = sorted(set(seeds or []) - set(plan.seeds))
+    if unknown:
+        raise ConfigError(
+            f"--seeds: unknown seeds {', '.join(map(str, unknown))}; the study's seeds are {', '.join(map(str, plan.seeds))}"
+        )
+    todo = [
+        r for r in plan.runs.values()
+        if any(u["experiment"] in selected for u in r.uses) and (models is None or r.config.model in models)
+        and (seeds is None or r.config.seed in seeds)
+    ]  # fmt: skip
     with folder_lock(out, "--output"):  # one training study per folder; --timing may run beside it
-        return _run_study(plan, out, selected, models, resume_from, command, train_fn, timing_settings)
+        return _run_study(plan, out, selected, models, todo, resume_from, command, train_fn, timing_settings)
 
 
 def _run_study(
@@ -247,17 +261,14 @@ def _run_study(
     out: Path,
     selected: set[str],
     models: list[str] | None,
+    todo: list[PlannedRun],
     resume_from: str | Path | None,
     command: str | None,
     train_fn: Callable[..., dict[str, Any]],
     timing_settings: TimingSettings | None,
 ) -> dict[str, Any]:
-    """`run_study` in its folder, under the folder's lock."""
+    """`run_study` in its folder, under the folder's lock: trains `todo`, times `selected`'s arms."""
     records, timed, _ = _load(plan, out, resume_from)
-    todo = [
-        r for r in plan.runs.values()
-        if any(u["experiment"] in selected for u in r.uses) and (models is None or r.config.model in models)
-    ]  # fmt: skip
     _write(out, study_payload(plan, records, command, timed))
     for i, run in enumerate(todo):
         folder = out / "runs" / run.id
