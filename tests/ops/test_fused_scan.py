@@ -200,3 +200,19 @@ def test_cache_in_a_read_only_package_directory(tmp_path):
             path.chmod(path.stat().st_mode | stat.S_IWUSR)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
     assert any(cache.rglob("*.nbi")), "no index written to NUMBA_CACHE_DIR"
+
+
+def test_a_fused_kernel_keeps_the_process_thread_count():
+    """A process started with OMP_NUM_THREADS=1: the first fused kernel starts numba's thread pool
+    on NUMBA_NUM_THREADS = 2 threads, and torch's ops must still run on 1 (its OpenMP layer used
+    to move torch to 2: two such processes on 2 cores then ran 4 spinning threads)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="2")
+    code = (
+        "import torch; from ssm2d.ops import selective_scan; before = torch.get_num_threads(); "
+        "x = torch.randn(1, 2, 5, requires_grad=True); "
+        "selective_scan(x, x.abs(), -torch.ones(2, 3), torch.randn(1, 3, 5), torch.randn(1, 3, 5)).sum().backward(); "
+        "a = torch.randn(64, 64); a @ a; print(before, torch.get_num_threads())"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["1", "1"]

@@ -34,7 +34,16 @@ def as_array(t: Tensor | None, like: Tensor, ndim: int) -> np.ndarray:
 
 def use_torch_threads() -> int:
     """Make numba's parallel loops use `torch.get_num_threads()` threads (at most
-    NUMBA_NUM_THREADS); return that count."""
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    NUMBA_NUM_THREADS); return that count.
+
+    The first call starts numba's thread pool. Its OpenMP layer sets the process's OpenMP thread
+    count to NUMBA_NUM_THREADS (all cores), and torch, whose thread count came from
+    OMP_NUM_THREADS rather than `torch.set_num_threads`, would follow it: a process started with
+    OMP_NUM_THREADS=1 would run torch's ops on every core from then on. Torch's count is
+    restored, and set explicitly, so that it stays."""
+    torch_threads = torch.get_num_threads()
+    threads = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(threads)
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
     return threads
