@@ -376,6 +376,7 @@ def test_rendered_numbers_come_from_the_records(tmp_path):
     assert "'s / epoch' is the wall time of an epoch (training and evaluation) as the run went" in text
     assert "`a` - `b` (final_acc1; expected above): +2.00 ± 1.00 points over 3 seeds (per seed: +++): **holds**" in text
     assert "in progress (2 of 3)" in text and "80.12" in text  # the paper's Swin CIFAR-100 number
+    assert "1 of 9 runs are still to come: their arms are marked 'in progress (n of m)'" in text
     assert (tmp_path / "docs" / "img" / "exp.png").stat().st_size > 0
     assert json.loads((tmp_path / "docs" / "results.json").read_text()) == payload
     block = readme.read_text()
@@ -383,6 +384,9 @@ def test_rendered_numbers_come_from_the_records(tmp_path):
     assert "[docs/results.md](docs/results.md)" in block and "- `neg`: The claim does not hold" in block
     render_results(payload, tmp_path / "docs", readme)
     assert readme.read_text() == block  # idempotent
+    payload["runs"]["c/seed2"] = _record("c/seed2", "c", 2, 71.0, 71.0)
+    finished = render_results(payload, tmp_path / "docs").read_text()
+    assert "still to come" not in finished and "in progress" not in finished
 
     fresh = tmp_path / "FRESH.md"  # no block yet: it goes under the Results heading
     fresh.write_text("# x\n\n## Results\n\nThe demo.\n\n## Layout\n")
