@@ -282,8 +282,9 @@ def test_seeds_split_the_training_and_resume_from_merges_it(tmp_path, data_dir):
         assert list(payload["runs"]) == [f"vit_mini_28/seed{seed}"]
     assert calls == ["vit_mini_28/seed0", "vit_mini_28/seed1"]
     shutil.copytree(tmp_path / "s1" / "runs", tmp_path / "s0" / "runs", dirs_exist_ok=True)
-    merged = run_study(plan, tmp_path / "s0", only=["pe"], models=["vit_mini_28"], resume_from=tmp_path / "s1" / "study.json",
-                       train_fn=_counting(calls), timing_settings=TINY)  # fmt: skip
+    merged = run_study(plan, tmp_path / "s0", only=["pe"], models=["vit_mini_28"],
+                       resume_from=tmp_path / "s1" / "study.json", train_fn=_counting(calls),
+                       timing_settings=TINY)  # fmt: skip
     assert len(calls) == 2 and sorted(merged["runs"]) == ["vit_mini_28/seed0", "vit_mini_28/seed1"]
     assert merged["runs"]["vit_mini_28/seed1"]["final_acc1"] == payload["runs"]["vit_mini_28/seed1"]["final_acc1"]
     with pytest.raises(ConfigError, match="--seeds: unknown seeds 2, 5; the study's seeds are 0, 1"):

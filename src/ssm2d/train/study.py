@@ -238,15 +238,14 @@ def run_study(
     Raises:
         ConfigError: another process runs a study in DIR (`folder_lock`; `time_study` may run
             beside it), or DIR/study.json or `resume_from` is not a study.json or holds a run
-            trained with another config.
+            trained with another config, or `only`, `models` or `seeds` names what the plan lacks.
     """
     out = Path(output)
     selected = _selected(plan, only, models)
     unknown = sorted(set(seeds or []) - set(plan.seeds))
     if unknown:
-        raise ConfigError(
-            f"--seeds: unknown seeds {', '.join(map(str, unknown))}; the study's seeds are {', '.join(map(str, plan.seeds))}"
-        )
+        known = ", ".join(map(str, plan.seeds))
+        raise ConfigError(f"--seeds: unknown seeds {', '.join(map(str, unknown))}; the study's seeds are {known}")
     todo = [
         r for r in plan.runs.values()
         if any(u["experiment"] in selected for u in r.uses) and (models is None or r.config.model in models)
