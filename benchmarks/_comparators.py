@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from _report import markdown_table
+from _report import markdown_table, run_line
 from _timing import alternate_runs, train_step_fn
 from torch.profiler import profile
 from torch.utils.flop_counter import FlopCounterMode
@@ -162,7 +162,7 @@ def comparator_readme_markdown(payload: dict) -> str:
     header, body = comparator_rows(comp)
     keep = [0, 1, 3, 4, 10]  # model, params, ratio, target, floor
     return "\n".join([
-        f"`{payload['command']}` ({payload['date']}, float32, {payload['machine']['threads']} CPU threads), training "
+        run_line(payload["command"], payload) + ", training "
         f"step at batch {comp['batch']} on {comp['input']}:",
         "",
         markdown_table([header[i] for i in keep], [[r[i] for i in keep] for r in body]),

@@ -84,6 +84,13 @@ def write_json(path: Path, payload: dict) -> None:
     tmp.replace(path)
 
 
+def run_line(command: str, payload: dict, details: str = "") -> str:
+    """The opening of a README block: the command that measured it, when, the `details` of the
+    measurement, and on how many threads (no closing punctuation)."""
+    details = f"{details}, " if details else ""
+    return f"`{command}` ({payload['date']}, {details}float32, {payload['machine']['threads']} CPU threads)"
+
+
 def update_section(path: Path, name: str, body: str) -> None:
     """Replace the text between `<!-- BEGIN name -->` and `<!-- END name -->` (the library's
     generated-block writer, shared with `ssm2d study`)."""

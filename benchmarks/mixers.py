@@ -42,7 +42,9 @@ from ssm2d.layers import S4ND, SS2D, SSM2D, V2M, SPAttention, VimMixer2d  # noqa
 from ssm2d.ops import default_chunk_size, selective_scan, selective_scan_ref  # noqa: E402
 
 sys.path.append(str(_HERE))
-from _report import ROOT, markdown_table, median_ms, report, run_header, status_kb, update_docs_and_readme  # noqa: E402
+from _report import (  # noqa: E402
+    ROOT, markdown_table, median_ms, report, run_header, run_line, status_kb, update_docs_and_readme,
+)
 
 BATCH, DIM = 16, 192
 SCAN = {"batch": 2, "channels": DIM, "state": 16, "length": 56 * 56}
@@ -307,9 +309,8 @@ def markdown(payload: dict) -> str:
 
 def readme_markdown(payload: dict) -> str:
     """The README's short form: the table and the target verdicts, under the command."""
-    m = payload["machine"]
     return "\n".join([
-        f"`{payload['command']}` ({payload['date']}, batch {BATCH}, C = {DIM}, float32, {m['threads']} CPU threads):",
+        run_line(payload["command"], payload, f"batch {BATCH}, C = {DIM}") + ":",
         "",
         markdown_table(*rows(payload)),
         "",

@@ -72,7 +72,7 @@ from _comparators import (  # noqa: E402
     measure_comparators,
 )
 from _report import (  # noqa: E402
-    ROOT, markdown_table, report, run_header, text_table, update_section,
+    ROOT, markdown_table, report, run_header, run_line, text_table, update_section,
 )
 from _timing import alternate, infer_fn, train_step_fn  # noqa: E402
 
@@ -332,7 +332,7 @@ def readme_markdown(payload: dict) -> str:
     header, body = rows(payload["results"])
     keep = [0, 2, 3, 6, 9]  # model, input, batch, train ratio, infer ratio
     return "\n".join([
-        f"`{payload['command']}` ({payload['date']}, float32, {payload['machine']['threads']} CPU threads):",
+        run_line(payload["command"], payload) + ":",
         "",
         markdown_table([header[i] for i in keep], [[r[i] for i in keep] for r in body]),
     ])  # fmt: skip
@@ -396,7 +396,7 @@ def mega_readme_markdown(payload: dict) -> str:
     header, body = mega_rows(payload["mega"])
     keep = [1, 5, 6]  # batch, 2-D SSM / EMA, 2-D SSM / no slot
     return "\n".join([
-        f"`{payload['command']}` ({payload['date']}, float32, {payload['machine']['threads']} CPU threads): "
+        run_line(payload["command"], payload) + ": "
         f"`mega_sd_32_ssm2d`'s training step against Mega's EMA and against no moving average (authors, on GPU: "
         f"{AUTHORS_MEGA} over Mega):",
         "",

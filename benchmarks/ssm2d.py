@@ -37,6 +37,7 @@ from _report import (  # noqa: E402
     median_ms,
     report,
     run_header,
+    run_line,
     status_kb,
     update_docs_and_readme,
 )
@@ -219,8 +220,7 @@ def readme_markdown(payload: dict, command: str) -> str:
          f"{r['layer_over_floor']:.2f}x"]
         for r in keep
     ]  # fmt: skip
-    intro = f"`{command}` ({payload['date']}, batch {BATCH}, float32, {payload['machine']['threads']} CPU threads):"
-    return "\n".join([intro, "", markdown_table(header, body)])
+    return "\n".join([run_line(command, payload, f"batch {BATCH}") + ":", "", markdown_table(header, body)])
 
 
 def update_docs(payload: dict) -> None:
